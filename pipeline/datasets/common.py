@@ -1,0 +1,98 @@
+"""Shared pieces of the dataset parsers: image headers, keypoint checks, PCK normalisers, rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.tables import IMAGE_COLUMNS, KEYPOINT_TOLERANCE, PAIR_COLUMNS, SPAIR_COLUMNS, flatten
+
+SPLITS = ("trn", "val", "test")
+
+
+class DatasetError(ValueError):
+    """Bad raw dataset input; the message names the file and the fault."""
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` from the image header; the file is checked with PIL ``verify()``
+    (structure and, for PNG, chunk checksums) without decoding all pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: image not found")
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+    except Exception as exc:  # PIL raises many types for broken files
+        raise DatasetError(f"{path}: corrupt or unreadable image ({type(exc).__name__}: {exc})") from exc
+    return int(size[0]), int(size[1])
+
+
+def images_table(images: dict[str, tuple[Path, str]], progress=None) -> pd.DataFrame:
+    """``images``: image_id -> (path, category) -> the images table, sizes read from headers."""
+    rows = []
+    for image_id, (path, category) in sorted(images.items()):
+        width, height = image_size(path)
+        rows.append({"image_id": image_id, "path": str(path), "width": width, "height": height,
+                     "category": category})
+        if progress is not None:
+            progress()
+    return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+
+
+def check_keypoints(xy: np.ndarray, visible: np.ndarray, size: tuple[int, int], where: str) -> None:
+    """Raise `DatasetError` naming ``where`` on NaN visible keypoints or ones outside the
+    ``(width, height)`` image beyond `KEYPOINT_TOLERANCE` pixels."""
+    xy = np.asarray(xy, dtype=np.float64)[np.asarray(visible, dtype=bool)]
+    if np.isnan(xy).any():
+        raise DatasetError(f"{where}: NaN keypoints")
+    w, h = size
+    outside = ((xy < -KEYPOINT_TOLERANCE).any(axis=1) | (xy[:, 0] > w - 1 + KEYPOINT_TOLERANCE)
+               | (xy[:, 1] > h - 1 + KEYPOINT_TOLERANCE))
+    if outside.any():
+        raise DatasetError(f"{where}: keypoint {xy[outside][0].tolist()} lies outside the {w}x{h} image")
+
+
+def bbox_norm(box) -> float:
+    """Max side of an ``[x1, y1, x2, y2]`` box (SPair-71k convention)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return max(x2 - x1, y2 - y1)
+
+
+def kpts_norm(xy: np.ndarray, visible: np.ndarray) -> float:
+    """Max side of the bounding box of the visible keypoints ``[N, 2]`` (PF-WILLOW convention)."""
+    pts = np.asarray(xy, dtype=np.float64)[np.asarray(visible, dtype=bool)]
+    return float((pts.max(axis=0) - pts.min(axis=0)).max())
+
+
+def pair_row(pair_id: str, split: str, category: str, source_id: str, target_id: str,
+             source_xy: np.ndarray, target_xy: np.ndarray, visible: np.ndarray,
+             pck_norm: float, norm_kind: str, **spair) -> dict:
+    row = {"pair_id": pair_id, "split": split, "category": category, "source_id": source_id,
+           "target_id": target_id, "source_kps": flatten(source_xy), "target_kps": flatten(target_xy),
+           "visible": [bool(v) for v in visible], "pck_norm": float(pck_norm), "norm_kind": norm_kind}
+    row.update({key: spair.get(key) for key in SPAIR_COLUMNS})
+    return row
+
+
+def pairs_table(rows: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=PAIR_COLUMNS + SPAIR_COLUMNS)
+    for key in ("viewpoint_variation", "scale_variation", "truncation", "occlusion"):
+        table[key] = table[key].astype("Int64")
+    table["flip"] = table["flip"].astype("boolean")
+    return table
+
+
+def check_pair_images(rows: list[dict], images: pd.DataFrame, where: str) -> None:
+    """Every visible keypoint of every pair must lie inside its image (sizes from ``images``)."""
+    sizes = {r.image_id: (r.width, r.height) for r in images.itertuples(index=False)}
+    for row in rows:
+        for role in ("source", "target"):
+            xy = np.asarray(row[f"{role}_kps"]).reshape(-1, 2)
+            image_id = row[f"{role}_id"]
+            check_keypoints(xy, row["visible"], sizes[image_id],
+                            f"{where}: pair {row['pair_id']} ({role} {image_id})")
