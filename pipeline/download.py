@@ -12,6 +12,7 @@ param to set.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import shutil
@@ -32,7 +33,7 @@ console = Console(stderr=True)
 
 CONNECT_TIMEOUT = 5.0  # seconds: how long an unreachable host may stall before we call it offline
 READ_TIMEOUT = 60.0
-CHUNK = 1 << 20
+CHUNK = 1 << 16  # streamed bytes per write: an interrupted download loses at most this much
 
 
 class DownloadError(RuntimeError):
@@ -203,15 +204,15 @@ def fetch(resource: Resource, folder: Path, param: str, connect_timeout: float =
             downloader=ResumingDownloader(folder / f"{resource.filename}.part", connect_timeout),
             progressbar=False,
         )
-    except (requests.ConnectionError, requests.Timeout) as exc:
+    except requests.HTTPError as exc:
+        raise DownloadError(f"cannot fetch {resource.url}: {exc}; set `{param}` to a local copy") from exc
+    except requests.RequestException as exc:  # unreachable host, timeout, connection cut mid-way
         if (folder / f"{resource.filename}.part").exists():
             hint = "run again to resume the partial download, or "
         else:
             hint = "no network? "
         raise DownloadError(f"cannot fetch {resource.url} ({type(exc).__name__}); {hint}"
                             f"set `{param}` to a local directory or archive holding {resource.filename}") from exc
-    except requests.HTTPError as exc:
-        raise DownloadError(f"cannot fetch {resource.url}: {exc}; set `{param}` to a local copy") from exc
     except ValueError as exc:  # pooch: hash mismatch (the bad file is already deleted)
         raise DownloadError(f"{resource.filename} from {resource.url}: checksum mismatch: {exc}") from exc
     return Path(path)
@@ -315,6 +316,9 @@ def download_dataset(name: str, out_dir: Path, source: Path | None = None,
     param = f"download.{name}.source"
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     manifest = {"dataset": name, "source": str(source) if source else "official", "files": {}}
+    if _done(out_dir / "manifest.json", source=manifest["source"]):
+        console.print(f"{out_dir}: already complete")
+        return out_dir
     fetched: list[Path] = []
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -403,16 +407,18 @@ def download_weights(key: str, out_dir: Path, checkpoint: str | None, source: Pa
         raise DownloadError(f"backbone.{key}.checkpoint = {checkpoint!r} is not in the weights registry; "
                             f"known: {sorted(WEIGHTS)}")
     resource = WEIGHTS[checkpoint]
+    origin = str(source) if source is not None else resource.url
+    if _done(out_dir / "weights.json", source=origin, file=resource.filename) and (out_dir / resource.filename).is_file():
+        console.print(f"{out_dir}: already complete")
+        return out_dir
     if source is None and resource.url is None:
         raise DownloadError(
             f"{checkpoint} weights are licence-gated and cannot be downloaded automatically: request "
             f"{resource.filename} at {DINOV3_DOWNLOADS}, then set `{param}` to that file (or its folder)")
     if source is not None:
         path = _local_checkpoint(Path(source), resource, param)
-        origin = str(source)
     else:
         path = fetch(resource, Path(cache_dir) / "weights", param, connect_timeout)
-        origin = resource.url
     digest = verify(path, resource)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -430,3 +436,11 @@ def _local_checkpoint(source: Path, resource: Resource, param: str) -> Path:
     if not path.is_file():
         raise DownloadError(f"`{param}` = {source}: {path} not found (expected {resource.filename})")
     return path
+
+
+def _done(record: Path, **expected) -> bool:
+    """An earlier run finished this output with the same inputs (its record is written last)."""
+    if not record.is_file():
+        return False
+    found = json.loads(record.read_text())
+    return all(found.get(key) == value for key, value in expected.items())

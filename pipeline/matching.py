@@ -233,16 +233,16 @@ def _source_descriptors(store, kp: _KeypointIndex) -> torch.Tensor:
     return desc if desc is not None else torch.zeros((0, 0))
 
 
-def _prefetch(store, groups: dict[str, np.ndarray], depth: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
+def _prefetch(store, groups: dict[str, np.ndarray], depth: int = 4) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (image id, features [C, h, w]) for the images in ``groups``, in store order,
-    reading the next images in a background thread while the caller computes."""
+    reading the next images in two background threads while the caller computes."""
     order = [image_id for image_id in store.image_ids if image_id in groups]
     yield from _read_ahead(order, store.features, depth)
 
 
 def _read_ahead(keys: Iterable[str], read: Callable[[str], torch.Tensor], depth: int) -> Iterator[tuple[str, torch.Tensor]]:
     keys = list(keys)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool:
         pending = [pool.submit(read, k) for k in keys[:depth]]
         for i, key in enumerate(keys):
             feats = pending.pop(0).result()

@@ -139,7 +139,8 @@ def _prefix_tokens(
         image = load_image(image_id)
         x, _ = backbone.preprocess(np.ascontiguousarray(image[:, ::-1]) if flip else image)
         images.append(x)
-    return backbone.forward_prefix(torch.stack(images).to(device), n_tail).float()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return backbone.forward_prefix(torch.stack(images).to(device), n_tail).float()
 
 
 def _open_matching(path: Path, fingerprint: dict):

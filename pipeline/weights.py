@@ -9,6 +9,7 @@ which deserialises tensors and TorchScript code but no Python pickles.
 from __future__ import annotations
 
 import hashlib
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -57,7 +58,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         if is_torchscript(path):
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # torch.jit is deprecated, but it is how OpenAI ships CLIP
+                warnings.simplefilter("ignore", FutureWarning)
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt or foreign file: say which

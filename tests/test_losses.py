@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.coords import CellTransform
 from pipeline.losses import batch_loss, gaussian_cross_entropy, gaussian_target, keypoint_targets
+from pipeline.matching import match_keypoints
 
 
 def transform(image_hw, input_size, patch, resize):
@@ -101,8 +102,9 @@ def test_invisible_and_off_grid_keypoints_are_masked():
 @pytest.mark.parametrize("resize", ["pad", "squash"])
 @pytest.mark.parametrize("image_hw", [(37, 91), (120, 45), (64, 64)])
 def test_gaussian_peak_is_the_cell_holding_the_gt_pixel(resize, image_hw):
-    """Peak = transform.nearest_cell(gt), and the gt pixel lies inside that cell's box,
-    including points just either side of cell borders."""
+    """Peak = transform.nearest_cell(gt) = the matcher's argmax cell for a one-hot map at
+    the gt cell, and the gt pixel lies inside that cell's box, for points just either
+    side of every cell border."""
     tf = transform(image_hw, 70, 14, resize)
     h, w = image_hw
     borders_x = np.array([tf.cell_box(0, j)[2] for j in range(tf.grid_w - 1)])
@@ -120,3 +122,9 @@ def test_gaussian_peak_is_the_cell_holding_the_gt_pixel(resize, image_hw):
     for (x, y), (j, i) in zip(xy, peak.tolist()):
         x0, y0, x1, y1 = tf.cell_box(i, j)
         assert x0 <= x < x1 and y0 <= y < y1
+    # one-hot target maps: cell (i, j) carries feature e_k, k = i * w + j; query e_k at the gt cell
+    n_cells = tf.grid_h * tf.grid_w
+    one_hot = torch.eye(n_cells).reshape(n_cells, tf.grid_h, tf.grid_w)
+    query = one_hot[:, tgt.trg_peak[:, 1], tgt.trg_peak[:, 0]].T  # [P, C]
+    cells, _ = match_keypoints(query[:, None], one_hot, method="argmax")
+    assert torch.equal(cells[:, 0].long(), peak)

@@ -19,7 +19,8 @@ PRETRAIN_SIZE = 518  # Meta's pos_embed grid: 37 x 37 patches of 14 px
 
 # A tiny DINOv2-architecture ViT for the offline demo (random init, trains on CPU):
 # use with family dinov2, variant vits14, random_init true, input_size 112.
-DEMO_ARCH = {"depth": 4, "embed_dim": 96, "num_heads": 3, "patch_size": 8, "img_size": 112}
+# init_values 1: random blocks with DINO's layer-scale init (1e-5) would be ~identity.
+DEMO_ARCH = {"depth": 4, "embed_dim": 96, "num_heads": 3, "patch_size": 8, "img_size": 112, "init_values": 1.0}
 
 
 class TimmViTBackbone(TransformerBackbone):

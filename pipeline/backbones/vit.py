@@ -23,6 +23,7 @@ class TransformerBackbone(Backbone):
     extra inputs, e.g. rotary embeddings)."""
 
     model: nn.Module
+    num_prefix_tokens: int = 0  # extra tokens (class, registers) before the patch tokens
 
     def __init__(self, spec: BackboneSpec, model: nn.Module, patch_size: int, feat_dim: int):
         super().__init__(spec)
@@ -63,8 +64,6 @@ class TransformerBackbone(Backbone):
         if side * side != n:
             raise ValueError(f"{n} patch tokens do not form a square grid; pass grid_hw to forward_tail")
         return side, side
-
-    num_prefix_tokens: int = 0
 
     # -- protocol -----------------------------------------------------------------
     def blocks(self) -> nn.ModuleList:

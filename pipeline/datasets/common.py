@@ -7,10 +7,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from rich.console import Console
+from rich.progress import track as _track
 
 from pipeline.tables import IMAGE_COLUMNS, KEYPOINT_TOLERANCE, PAIR_COLUMNS, SPAIR_COLUMNS, flatten
 
 SPLITS = ("trn", "val", "test")
+
+
+_console = Console(stderr=True)
+
+
+def track(items, description: str):
+    """Progress bar for long loops (hidden when it ends)."""
+    return _track(items, description=description, console=_console, transient=True)
 
 
 class DatasetError(ValueError):
@@ -32,15 +42,13 @@ def image_size(path: Path) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def images_table(images: dict[str, tuple[Path, str]], progress=None) -> pd.DataFrame:
+def images_table(images: dict[str, tuple[Path, str]]) -> pd.DataFrame:
     """``images``: image_id -> (path, category) -> the images table, sizes read from headers."""
     rows = []
-    for image_id, (path, category) in sorted(images.items()):
+    for image_id, (path, category) in track(sorted(images.items()), "reading image headers"):
         width, height = image_size(path)
         rows.append({"image_id": image_id, "path": str(path), "width": width, "height": height,
                      "category": category})
-        if progress is not None:
-            progress()
     return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
 
 
@@ -87,12 +95,13 @@ def pairs_table(rows: list[dict]) -> pd.DataFrame:
     return table
 
 
-def check_pair_images(rows: list[dict], images: pd.DataFrame, where: str) -> None:
-    """Every visible keypoint of every pair must lie inside its image (sizes from ``images``)."""
+def check_pair_images(rows: list[dict], images: pd.DataFrame, where: str | list[str]) -> None:
+    """Every visible keypoint of every pair must lie inside its image (sizes from ``images``).
+    ``where``: the annotation file, one for all rows or one per row."""
     sizes = {r.image_id: (r.width, r.height) for r in images.itertuples(index=False)}
-    for row in rows:
+    wheres = [where] * len(rows) if isinstance(where, str) else where
+    for row, place in zip(rows, wheres):
         for role in ("source", "target"):
             xy = np.asarray(row[f"{role}_kps"]).reshape(-1, 2)
             image_id = row[f"{role}_id"]
-            check_keypoints(xy, row["visible"], sizes[image_id],
-                            f"{where}: pair {row['pair_id']} ({role} {image_id})")
+            check_keypoints(xy, row["visible"], sizes[image_id], f"{place}: pair {row['pair_id']} ({role} {image_id})")

@@ -33,8 +33,7 @@ def read_pair_list(csv_path: Path) -> list[dict]:
     if {"imageA", "imageB"} - set(table.columns) or len({len(v) for v in coords.values()}) != 1 or not coords["XA"]:
         raise DatasetError(f"{csv_path}: expected columns imageA, imageB, XA1.., YA1.., XB1.., YB1..")
     pairs = []
-    for index, row in enumerate(table.itertuples(index=False)):
-        values = row._asdict()
+    for index, values in enumerate(table.to_dict("records")):
         src = np.stack([[values[x] for x in coords["XA"]], [values[y] for y in coords["YA"]]], axis=1)
         trg = np.stack([[values[x] for x in coords["XB"]], [values[y] for y in coords["YB"]]], axis=1)
         if np.isnan(src).any() or np.isnan(trg).any():

@@ -1,0 +1,145 @@
+"""An embedded synthetic correspondence set: no download, deterministic from a seed.
+
+Each category is one photograph bundled with scikit-image (astronaut, cat, coffee, motorcycle, ...),
+centre-cropped to a square and resized to ``image_size``. Salient points of that base photo
+(Harris corners) are the keypoints. Every image of the category is the base photo warped by
+its own random homography; its keypoints are the base keypoints mapped through it (0-based
+pixel centres, the convention skimage's ``warp`` and `pipeline.coords` share), invisible when
+they leave the image. Images of a category are split into trn / val / test groups, so splits
+share no image; pairs are the ordered pairs of distinct images within one group.
+PCK normaliser: max side of the target image (``norm_kind='image'``): the warped photo fills
+the whole frame, so the image plays the part of the object box.
+
+Raw layout (``data/raw/synthetic``): ``images/<category>/<k>.png`` and ``annotations.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from skimage import data as skdata
+from skimage.color import gray2rgb, rgb2gray
+from skimage.feature import corner_harris, corner_peaks
+from skimage.transform import ProjectiveTransform, resize, warp
+
+from pipeline.datasets.common import DatasetError, check_pair_images, images_table, pair_row, pairs_table
+from pipeline.io import atomic_path
+
+default_conf = {
+    "seed": 0,  # one seed fixes every image and keypoint
+    "categories": 4,  # number of base photos (one category each), at most len(BASE_PHOTOS)
+    "images_per_category": 6,  # warped images per category (>= 6: two per split)
+    "image_size": 160,  # side of the square images in pixels
+    "keypoints": 12,  # salient points per base photo
+}
+
+# Photos shipped inside scikit-image itself (no pooch download needed), with enough corners
+# at 160 px (rocket and retina, mostly flat, are left out).
+BASE_PHOTOS = {
+    "astronaut": skdata.astronaut,
+    "cat": skdata.chelsea,
+    "coffee": skdata.coffee,
+    "motorcycle": lambda: skdata.stereo_motorcycle()[0],
+    "camera": skdata.camera,
+    "cells": skdata.immunohistochemistry,
+    "galaxies": skdata.hubble_deep_field,
+    "coins": skdata.coins,
+}
+ANNOTATIONS = "annotations.json"
+MAX_CORNER_SHIFT = 0.15  # homography: each image corner moves up to this fraction of the side
+
+
+def generate(out_dir: Path, conf: dict | None = None) -> Path:
+    """Write the synthetic set into ``out_dir`` (atomically): images and annotations.json."""
+    conf = {**default_conf, **(conf or {})}
+    n_cat, n_img, size, n_kps = (int(conf[k]) for k in ("categories", "images_per_category", "image_size", "keypoints"))
+    if not 1 <= n_cat <= len(BASE_PHOTOS):
+        raise ValueError(f"synthetic: categories must be 1..{len(BASE_PHOTOS)}, got {n_cat}")
+    if n_img < 6:
+        raise ValueError(f"synthetic: images_per_category must be >= 6 (two per split), got {n_img}")
+    annotations = {"conf": conf, "norm_kind": "image", "images": {}}
+    with atomic_path(Path(out_dir)) as tmp:
+        for index, category in enumerate(list(BASE_PHOTOS)[:n_cat]):
+            rng = np.random.default_rng([int(conf["seed"]), index])
+            base = _base_photo(category, size)
+            base_xy = _salient_points(base, n_kps, category)
+            splits = _split_groups(n_img)
+            for k in range(n_img):
+                tform = _random_homography(rng, size)
+                image = warp(base, tform.inverse, output_shape=(size, size), order=1, mode="constant", cval=0.0)
+                xy = tform(base_xy)
+                visible = ((xy >= 0) & (xy <= size - 1)).all(axis=1)
+                image_id = f"images/{category}/{k:03d}.png"
+                (tmp / image_id).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.round(image * 255).astype(np.uint8)).save(tmp / image_id)
+                annotations["images"][image_id] = {"category": category, "split": splits[k],
+                                                   "keypoints": xy.round(6).tolist(), "visible": visible.tolist()}
+        (tmp / ANNOTATIONS).write_text(json.dumps(annotations, indent=1, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+def _base_photo(category: str, size: int) -> np.ndarray:
+    """Square centre crop of the bundled photo, resized: ``[size, size, 3]`` float in [0, 1]."""
+    photo = np.asarray(BASE_PHOTOS[category]())
+    photo = gray2rgb(photo) if photo.ndim == 2 else photo[..., :3]
+    h, w = photo.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = photo[top:top + side, left:left + side].astype(np.float64) / 255.0
+    return resize(crop, (size, size), order=1, anti_aliasing=True)
+
+
+def _salient_points(image: np.ndarray, count: int, category: str) -> np.ndarray:
+    """The ``count`` strongest Harris corners away from the border -> ``[count, 2]`` (x, y)."""
+    size = image.shape[0]
+    response = corner_harris(rgb2gray(image))
+    peaks = corner_peaks(response, min_distance=max(2, size // 20), exclude_border=size // 8,
+                         threshold_rel=1e-3, num_peaks=count)
+    if len(peaks) < count:
+        raise ValueError(f"synthetic: only {len(peaks)} salient points in {category!r}; lower `keypoints`")
+    return peaks[:, ::-1].astype(np.float64)
+
+
+def _random_homography(rng: np.random.Generator, size: int) -> ProjectiveTransform:
+    """Maps base-photo pixels to warped-image pixels: each corner moved at random."""
+    corners = np.array([[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]], dtype=np.float64)
+    moved = corners + rng.uniform(-MAX_CORNER_SHIFT, MAX_CORNER_SHIFT, size=(4, 2)) * size
+    return ProjectiveTransform.from_estimate(corners, moved)
+
+
+def _split_groups(n_images: int) -> list[str]:
+    n_eval = max(2, n_images // 4)
+    n_train = n_images - 2 * n_eval
+    return ["trn"] * n_train + ["val"] * n_eval + ["test"] * n_eval
+
+
+def parse(raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``raw_dir`` -> (pairs, images) tables: ordered pairs of distinct images per category and split."""
+    raw_dir = Path(raw_dir)
+    path = raw_dir / ANNOTATIONS
+    if not path.is_file():
+        raise DatasetError(f"{path}: annotations not found; run `semcorr download synthetic` first")
+    annotations = json.loads(path.read_text())["images"]
+    image_table = images_table({image_id: (raw_dir / image_id, ann["category"])
+                                for image_id, ann in annotations.items()})
+    sizes = image_table.set_index("image_id")
+    groups: dict[tuple[str, str], list[str]] = {}
+    for image_id, ann in sorted(annotations.items()):
+        groups.setdefault((ann["category"], ann["split"]), []).append(image_id)
+    rows = []
+    for (category, split), members in sorted(groups.items()):
+        for source, target in itertools.permutations(members, 2):
+            src, trg = annotations[source], annotations[target]
+            visible = np.logical_and(src["visible"], trg["visible"])
+            if not visible.any():
+                continue
+            rows.append(pair_row(f"{split}/{category}/{Path(source).stem}-{Path(target).stem}", split, category,
+                                 source, target, np.asarray(src["keypoints"]), np.asarray(trg["keypoints"]),
+                                 visible, float(sizes.loc[target, ["width", "height"]].max()), "image"))
+    check_pair_images(rows, image_table, str(path))
+    return pairs_table(rows), image_table
