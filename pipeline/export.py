@@ -37,20 +37,27 @@ def write_matches_h5(path: Path, pairs: pd.DataFrame, predictions: pd.DataFrame)
     names = pd.Series([names_to_pair(s, t) for s, t in zip(pairs["source_id"], pairs["target_id"])])
     repeated = names.duplicated().to_numpy()
     names[repeated] = names[repeated] + "#" + pairs["pair_id"].astype(str).to_numpy()[repeated]
-    by_pair = {pid: rows.sort_values("kp_index") for pid, rows in predictions.groupby("pair_id", sort=False)}
+
+    # One sort puts every pair's rows together in kp order; per pair only slices remain.
+    order = pd.Index(pairs["pair_id"]).get_indexer(predictions["pair_id"])
+    if (order < 0).any():
+        raise KeyError(f"{path}: predictions for pair {predictions['pair_id'][order < 0].iloc[0]!r} not in the pair table")
+    sort = np.lexsort((predictions["kp_index"].to_numpy(), order))
+    bounds = np.searchsorted(order[sort], np.arange(len(pairs) + 1))
+    xy = predictions[["x", "y"]].to_numpy(np.float64)[sort]
+    found = np.isfinite(xy).all(axis=1)
+    matched = found & predictions["reliable"].to_numpy(bool)[sort]
+    scores = np.where(found, predictions["score"].to_numpy(np.float32)[sort], 0).astype(np.float32)
     with atomic_path(Path(path)) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for name, row in zip(names, pairs.itertuples(index=False)):
-                rows = by_pair.get(row.pair_id)
-                if rows is None:
-                    raise KeyError(f"{path}: no predictions for pair {row.pair_id!r}")
-                xy = rows[["x", "y"]].to_numpy(np.float64)
-                found = np.isfinite(xy).all(axis=1)
-                matched = found & rows["reliable"].to_numpy(bool)
+        with h5py.File(tmp, "w", libver="latest") as f:
+            for k, (name, pair_id, source_kps) in enumerate(zip(names, pairs["pair_id"], pairs["source_kps"])):
+                lo, hi = bounds[k], bounds[k + 1]
+                if lo == hi:
+                    raise KeyError(f"{path}: no predictions for pair {pair_id!r}")
                 group = f.create_group(name)
-                group.attrs["pair_id"] = str(row.pair_id)
-                group.create_dataset("matches0", data=np.where(matched, np.arange(len(rows)), -1).astype(np.int32))
-                group.create_dataset("scores0", data=np.where(found, rows["score"].to_numpy(np.float32), 0).astype(np.float32))
-                group.create_dataset("keypoints0", data=keypoints(row.source_kps))
-                group.create_dataset("keypoints1", data=xy)
+                group.attrs["pair_id"] = str(pair_id)
+                group["matches0"] = np.where(matched[lo:hi], np.arange(hi - lo), -1).astype(np.int32)
+                group["scores0"] = scores[lo:hi]
+                group["keypoints0"] = keypoints(source_kps)
+                group["keypoints1"] = xy[lo:hi]
     return Path(path)

@@ -7,8 +7,9 @@ tail: the last N blocks plus whatever follows them in `forward_tail` (the final 
 of DINOv2/DINOv3/CLIP, SAM's neck), which trains too. The only augmentation is the
 one a cache can hold: horizontally flipped copies of both images of a pair.
 
-Validation uses the match and evaluate stages' own code (`pipeline.matching.match_pairs`,
-argmax, and `pipeline.pck`) on features computed by the current weights; the epoch
+Validation runs the extract -> match -> evaluate path on the val pairs with the current
+weights (a temporary `pipeline.store`, `pipeline.matching.match_pairs` argmax,
+`pipeline.pck`); the epoch
 with the best val PCK@0.1 per image is kept. A state file per finished epoch (tail
 weights, optimizer, scheduler, RNG, curve, best) lets a killed run continue, and a
 finished run return at once.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +34,11 @@ from pipeline.backbones.base import Backbone
 from pipeline.coords import CellTransform, flip_points
 from pipeline.io import atomic_path, write_json
 from pipeline.losses import KeypointTargets, batch_loss, keypoint_targets
+from pipeline.extract import store_attrs
 from pipeline.matching import match_pairs
 from pipeline.pck import evaluate_predictions
 from pipeline.prefix_cache import Entry, build_prefix_cache
+from pipeline.store import open_store, write_store
 from pipeline.tables import keypoints
 from pipeline.weights import sha256_file
 
@@ -138,27 +142,6 @@ class PrefixSource:
             return self.backbone.forward_prefix(torch.stack(inputs).to(self.device), self.depth).float()
 
 
-class TunedFeatures:
-    """The feature-store interface `pipeline.matching.match_pairs` reads (``path``,
-    ``image_ids``, ``features``, ``transform``), computed on demand by the current weights."""
-
-    def __init__(self, source: PrefixSource, image_ids: Sequence[str], transforms: dict[str, CellTransform]):
-        self.source, self.image_ids, self.transforms = source, list(image_ids), transforms
-        self.path = Path("<fine-tuning validation>")
-
-    def transform(self, image_id: str) -> CellTransform:
-        return self.transforms[image_id]
-
-    def features(self, image_id: str, flip: bool = False) -> torch.Tensor:
-        """``[C, h, w]`` float32 (match_pairs may call this from a reader thread: grad mode
-        and autocast are per thread, so both are set here)."""
-        tf = self.transforms[image_id]
-        with torch.no_grad(), autocast(self.source.device):
-            tokens = self.source.tokens([(image_id, flip)])
-            feats = self.source.backbone.forward_tail(tokens, self.source.depth)
-        return feats[0, :, : tf.grid_h, : tf.grid_w].float().cpu()
-
-
 def autocast(device: torch.device):
     """bf16 autocast on GPU; nothing on CPU (keeps CPU runs exact and reproducible)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -252,8 +235,9 @@ def finetune(
             conf={"dtype": conf["cache_dtype"], "batch_size": conf["prefix_batch_size"]}, device=device,
         )
     source = PrefixSource(backbone, depth, images, device, cache)
-    val_ids = sorted(set(val_pairs["source_id"]) | set(val_pairs["target_id"]))
-    val_view = TunedFeatures(source, val_ids, transforms)
+    validate = lambda: validation_pck(  # noqa: E731
+        backbone, source, val_pairs, transforms, work_dir / "val.zarr", conf["val_alpha"], conf["prefix_batch_size"]
+    )
 
     pairs = to_pairs(train_pairs)
     trainable = trainable_parameters(backbone, depth, source.tokens([(pairs[0].source_id, False)]))
@@ -265,7 +249,7 @@ def finetune(
     torch.manual_seed(conf["seed"])
 
     if state is None:
-        base = validation_pck(val_view, val_pairs, conf["val_alpha"])
+        base = validate()
         curve = [{"epoch": 0, "step": 0, "loss": float("nan"), "val_pck": base, "lr": conf["lr"], "seconds": 0.0}]
         state = {"epoch": 0, "step": 0, "curve": curve, "best": None, "fingerprint": fingerprint}
     else:
@@ -288,7 +272,7 @@ def finetune(
                 raise FinetuneError(f"loss is {loss} at epoch {epoch}, step {step}; lower finetune.lr")
             losses.append(loss)
         scheduler.step()
-        val = validation_pck(val_view, val_pairs, conf["val_alpha"])
+        val = validate()
         state["curve"].append({
             "epoch": epoch, "step": step, "loss": float(np.mean(losses)), "val_pck": val, "lr": lr,
             "seconds": round(time.perf_counter() - started, 3),
@@ -352,9 +336,36 @@ def train_step(
     return float(loss.detach())
 
 
-def validation_pck(features: TunedFeatures, val_pairs: pd.DataFrame, alpha: float) -> float:
-    """PCK@alpha per image of argmax matches, through the match and evaluate stages' code."""
-    predictions = match_pairs(features, val_pairs, {"method": "argmax"})
+def validation_pck(
+    backbone: Backbone,
+    source: PrefixSource,
+    val_pairs: pd.DataFrame,
+    transforms: dict[str, CellTransform],
+    store_path: Path,
+    alpha: float,
+    batch_size: int = 8,
+) -> float:
+    """PCK@alpha per image of argmax matches, computed as the extract, match and evaluate
+    stages do: the current weights' features of the val images go into a temporary
+    feature store (`pipeline.store`, float16), `pipeline.matching.match_pairs` matches
+    from it and `pipeline.pck` scores; the store is removed afterwards."""
+    image_ids = sorted(set(val_pairs["source_id"]) | set(val_pairs["target_id"]))
+
+    def items():
+        for start in range(0, len(image_ids), batch_size):
+            chunk = image_ids[start : start + batch_size]
+            with torch.no_grad(), autocast(source.device):
+                feats = backbone.forward_tail(source.tokens([(i, False) for i in chunk]), source.depth).float().cpu()
+            for image_id, f in zip(chunk, feats):
+                tf = transforms[image_id]
+                yield image_id, f[:, : tf.grid_h, : tf.grid_w], tf
+
+    attrs = store_attrs(backbone, "finetune-val", "finetune-val", "val", backbone.spec.sha256, flips=False)
+    try:
+        write_store(store_path, attrs, items())
+        predictions = match_pairs(open_store(store_path), val_pairs, {"method": "argmax"})
+    finally:
+        shutil.rmtree(store_path, ignore_errors=True)
     overall, _ = evaluate_predictions(val_pairs, predictions, alphas=[alpha])
     return float(overall.image[float(alpha)])
 

@@ -10,15 +10,15 @@ matches the predicted target cells back against each source map.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.coords import flat_index_to_cells, sample_cells, upsampled_cells_to_cells
+from pipeline.coords import flat_index_to_cells, upsampled_cells_to_cells
+from pipeline.store import sample_map
 from pipeline.tables import keypoints
 
 METHODS = ("argmax", "softargmax")
@@ -79,12 +79,14 @@ def match_keypoints(
     if upsample > 1:
         trg = F.interpolate(trg, scale_factor=upsample, mode="bilinear", align_corners=False)
     h, w = trg.shape[-2:]
-    trg = F.normalize(trg.flatten(2), dim=1)  # [B, C, h*w]
+    trg = trg.flatten(2)  # [B, C, h*w]
+    # cosine: scale the products by the inverse cell norms (cheaper than normalising the map)
+    inv_norm = torch.linalg.vector_norm(trg, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()  # [B, 1, h*w]
     query = F.normalize(src_desc.float(), dim=-1)
     if shared:
-        sim = (query.reshape(p * n, c) @ trg[0]).view(p * n, h, w)
+        sim = (query.reshape(p * n, c) @ trg[0]).mul_(inv_norm[0]).view(p * n, h, w)
     else:
-        sim = torch.bmm(query, trg).view(p * n, h, w)
+        sim = torch.bmm(query, trg).mul_(inv_norm).view(p * n, h, w)
     cells, scores = locate(sim, method, window, temperature, zero_outside)
     if upsample > 1:
         cells = upsampled_cells_to_cells(cells, upsample)
@@ -153,32 +155,35 @@ def match_pairs(store, pairs: pd.DataFrame, conf: dict) -> pd.DataFrame:
     missing = sorted(set(pairs["source_id"]).union(pairs["target_id"]) - set(store.image_ids))
     if missing:
         raise KeyError(f"{store.path}: no features for {len(missing)} images of the pair table, e.g. {missing[:3]}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))  # one core for the store's reader thread: oversubscribed it is ~4x slower
+    try:
+        return _match_pairs(store, pairs, conf)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _match_pairs(store, pairs: pd.DataFrame, conf: dict) -> pd.DataFrame:
     kp = _KeypointIndex(pairs)
     desc = _source_descriptors(store, kp)
     pred_xy = np.full((kp.total, 2), np.nan)
     scores = np.full(kp.total, np.nan, dtype=np.float32)
     trg_desc = torch.empty((kp.total, desc.shape[1]) if conf["mutual"] else (0, 0))
-    for target_id, feats in _prefetch(store, kp.groups("target_id")):
-        rows = kp.rows_of(kp.groups("target_id")[target_id])
-        rows = rows[kp.finite[rows]]
-        if len(rows) == 0:
-            continue
+    maps = _FloatMaps()
+    for target_id, rows, feats16 in _maps_with_rows(store, kp, "target_id"):
         cells, peak = match_keypoints(
-            desc[rows][None], feats, conf["method"], int(conf["window"]), float(conf["temperature"]),
+            desc[rows][None], maps(feats16), conf["method"], int(conf["window"]), float(conf["temperature"]),
             bool(conf["zero_outside"]), int(conf["upsample"]),
         )
         pred_xy[rows] = store.transform(target_id).cells_to_pixels(cells[0].double()).numpy()
         scores[rows] = peak[0].numpy()
         if conf["mutual"]:
-            trg_desc[rows] = sample_cells(feats[None].float(), cells)[0]
+            trg_desc[rows] = sample_map(feats16, cells[0])
     reliable = kp.finite.copy()
     if conf["mutual"]:
-        for source_id, feats in _prefetch(store, kp.groups("source_id")):
-            rows = kp.rows_of(kp.groups("source_id")[source_id])
-            rows = rows[kp.finite[rows]]
-            if len(rows):
-                src_cells = torch.from_numpy(store.transform(source_id).pixels_to_cells(kp.source_xy[rows]))
-                reliable[rows] = mutual_nearest(trg_desc[rows], feats, src_cells).numpy()
+        for source_id, rows, feats16 in _maps_with_rows(store, kp, "source_id"):
+            src_cells = torch.from_numpy(store.transform(source_id).pixels_to_cells(kp.source_xy[rows]))
+            reliable[rows] = mutual_nearest(trg_desc[rows], maps(feats16), src_cells).numpy()
     return pd.DataFrame({
         "pair_id": kp.pair_ids,
         "kp_index": kp.kp_index,
@@ -220,32 +225,43 @@ class _KeypointIndex:
 
 
 def _source_descriptors(store, kp: _KeypointIndex) -> torch.Tensor:
-    """Pass 1: ``[K, C]`` float32 descriptors of every keypoint, each source image read once."""
-    desc = None
-    for source_id, feats in _prefetch(store, kp.groups("source_id")):
-        rows = kp.rows_of(kp.groups("source_id")[source_id])
+    """Pass 1: ``[K, C]`` float32 descriptors of every keypoint, each source image read once
+    and only the 4 neighbour cells of each keypoint converted from float16."""
+    desc = torch.zeros((kp.total, store.attrs["feat_dim"]), dtype=torch.float32)
+    for source_id, rows, feats16 in _maps_with_rows(store, kp, "source_id"):
+        g = store.transform(source_id).pixels_to_cells(kp.source_xy[rows])
+        desc[rows] = sample_map(feats16, g)
+    return desc
+
+
+def _maps_with_rows(store, kp: _KeypointIndex, column: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(image id, keypoint rows with finite source coords, [C, h, w] float16 map)`` for every
+    image of ``column`` (source_id or target_id) with such rows, read in bulk in storage order.
+    The map is only valid until the next item."""
+    groups = kp.groups(column)
+    wanted = {}
+    for image_id, positions in groups.items():
+        rows = kp.rows_of(positions)
         rows = rows[kp.finite[rows]]
-        if desc is None:
-            desc = torch.zeros((kp.total, feats.shape[0]), dtype=torch.float32)
         if len(rows):
-            g = store.transform(source_id).pixels_to_cells(torch.from_numpy(kp.source_xy[rows]))
-            desc[rows] = sample_cells(feats[None].float(), g[None].float())[0]
-    return desc if desc is not None else torch.zeros((0, 0))
+            wanted[store.index(image_id)] = (image_id, rows)
+    for n, feats16 in store.iter_maps(wanted):
+        image_id, rows = wanted[n]
+        yield image_id, rows, feats16
 
 
-def _prefetch(store, groups: dict[str, np.ndarray], depth: int = 4) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (image id, features [C, h, w]) for the images in ``groups``, in store order,
-    reading the next images in two background threads while the caller computes."""
-    order = [image_id for image_id in store.image_ids if image_id in groups]
-    yield from _read_ahead(order, store.features, depth)
+class _FloatMaps:
+    """float16 ``[C, h, w]`` map -> float32 ``[C, h, w]`` view of one reused buffer, laid out
+    cell-major (each cell's channels together: the layout of the matrix product and the
+    norms). Reusing the buffer avoids a fresh 11 MB allocation (page faults) per map."""
 
+    def __init__(self):
+        self.buffer = torch.empty(0)
 
-def _read_ahead(keys: Iterable[str], read: Callable[[str], torch.Tensor], depth: int) -> Iterator[tuple[str, torch.Tensor]]:
-    keys = list(keys)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [pool.submit(read, k) for k in keys[:depth]]
-        for i, key in enumerate(keys):
-            feats = pending.pop(0).result()
-            if i + depth < len(keys):
-                pending.append(pool.submit(read, keys[i + depth]))
-            yield key, feats
+    def __call__(self, feats16: np.ndarray) -> torch.Tensor:
+        c, h, w = feats16.shape
+        if self.buffer.numel() < c * h * w:
+            self.buffer = torch.empty(c * h * w)
+        cells = self.buffer[: c * h * w].view(h, w, c)
+        cells.copy_(torch.from_numpy(feats16.transpose(1, 2, 0)))
+        return cells.permute(2, 0, 1)

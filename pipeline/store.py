@@ -4,6 +4,7 @@ configuration, in one zarr v3 group.
 Layout of ``data/features/<variant>/<dataset>.zarr``::
 
     feats       [N, C, G, G] float16  image n's features in feats[n, :, :h_n, :w_n], zeros elsewhere
+                                      (chunks stored cell-major: transpose codec, see ``FILTERS``)
     feats_flip  [N, C, G, G] float16  the same for the horizontally mirrored image (when attrs.flips)
     transforms  [N, 8] float64        `CellTransform.to_array()` per image (h_n, w_n = its grid)
     done        [N] uint8             1 once image n's shard is on disk
@@ -11,8 +12,10 @@ Layout of ``data/features/<variant>/<dataset>.zarr``::
 One chunk holds one image, one shard file holds ``shard_images`` images, so a store is
 a few files (DVC hashes each), a reader fetches one image with one ranged read, and
 concurrent writers that own disjoint shards never touch the same file. ``G`` is the
-largest grid; the padding of smaller grids is zeros that the Blosc-zstd codec squeezes
+largest grid; the padding of smaller grids is zeros that the Blosc-lz4 codec squeezes
 away (store bytes stay below the raw fp16 bytes, see `benchmarks/extract_throughput.py`).
+`FeatureStore.iter_maps` is the fast bulk reader (match stage): it reads the shard files
+with plain reads following the zarr v3 sharding index and decodes in a background thread.
 
 zarr's LocalStore writes every file through a temp file + ``os.replace``, so a killed
 writer never leaves a torn shard; `FeatureStore.write_shard` also fsyncs the shard
@@ -25,7 +28,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import shutil
+import sys
+import threading
 import uuid
 import warnings
 from importlib import metadata
@@ -33,12 +39,15 @@ from pathlib import Path
 from itertools import islice
 from typing import Iterable, Iterator, Sequence
 
+import google_crc32c
+import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, TransposeCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from pipeline.coords import CellTransform, sample_cells
+from pipeline.coords import CellTransform
 
 FORMAT = "semcorr-features/1"
 # Attrs a reader relies on; `write_store` and `create_store` refuse attrs without them.
@@ -48,8 +57,13 @@ REQUIRED_ATTRS = (
 )
 # Attrs the store manages itself (not part of a configuration to compare).
 _INTERNAL_ATTRS = ("format", "image_ids", "shard_images", "grid_max", "dtype", "complete")
-# zstd at level 1 with byte shuffle: fast to decode, and padding zeros cost nothing.
-CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)
+# Chunks are stored cell-major ([1, G, G, C]: each cell's channels together), so that the
+# padding of a smaller grid is long runs of zeros even with bit shuffle, which lz4 needs to
+# squeeze fp16 features (~0.95x raw); lz4 decodes ~3x faster than zstd (lz4hc level 1:
+# the densest lz4 that still encodes at extract speed).
+FILTERS = (TransposeCodec(order=(0, 2, 3, 1)),)
+CODEC = BloscCodec(cname="lz4hc", clevel=1, shuffle="bitshuffle", typesize=2)
+_EMPTY = 2**64 - 1  # sharding index entry of a chunk never written (reads as fill value 0)
 
 
 class StoreError(RuntimeError):
@@ -108,9 +122,7 @@ class FeatureStore:
 
     def features(self, image_id: str, flip: bool = False) -> torch.Tensor:
         """``[C, h, w]`` float32 features of one image (of its mirror when ``flip``)."""
-        n = self.index(image_id)
-        gh, gw = self._grid(n)
-        return torch.from_numpy(self._array(flip)[n, :, :gh, :gw]).float()  # torch's fp16 cast is ~4x numpy's
+        return torch.from_numpy(self._map(self.index(image_id), flip)).float()
 
     def sample(self, image_id: str, xy: np.ndarray | torch.Tensor, flip: bool = False) -> torch.Tensor:
         """Bilinear features at pixels ``xy: [N, 2]`` -> ``[N, C]``.
@@ -118,19 +130,104 @@ class FeatureStore:
         ``xy`` are pixels of the image the features belong to: with ``flip``, of the
         mirrored image (pass ``coords.flip_points(xy, width)`` to sample mirrored points).
         """
-        feats = self.features(image_id, flip)
-        xy = torch.as_tensor(np.asarray(xy, dtype=np.float64))
-        g = self.transform(image_id).pixels_to_cells(xy).to(torch.float32)
-        return sample_cells(feats[None], g[None])[0]
+        g = self.transform(image_id).pixels_to_cells(np.asarray(xy, dtype=np.float64))
+        return sample_map(self._map(self.index(image_id), flip), g)
 
     def iter_features(self, flip: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(image_id, [C, h, w] float32)`` for every image in storage order, one shard read at a time."""
+        """``(image_id, [C, h, w] float32)`` for every image in storage order, read ahead in bulk."""
+        for n, feats in self.iter_maps(flip=flip):
+            yield self.image_ids[n], torch.from_numpy(feats).float()
+
+    def iter_maps(
+        self, indices: Iterable[int] | None = None, flip: bool = False, ahead: int = 6
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(n, [C, h_n, w_n] float16)`` for images ``indices`` (default: all), in storage order.
+
+        The fast bulk read: a background thread reads each shard file with plain reads
+        (asking the kernel to prefetch the next shard) and decodes the chunks into a ring
+        of ``ahead + 1`` reused buffers; Blosc releases the GIL, so decoding overlaps the
+        caller's compute. Each yielded array is a view of a reused buffer: valid only until
+        the next item is requested (copy it to keep it). In stores written with ``FILTERS``
+        its memory is cell-major (``feats.transpose(1, 2, 0)`` is a C-ordered ``[h, w, C]`` view).
+        """
+        order = sorted(set(range(len(self)) if indices is None else (int(n) for n in indices)))
+        if order and not 0 <= order[0] <= order[-1] < len(self):
+            raise IndexError(f"{self.path}: image index out of range 0..{len(self) - 1}")
         array = self._array(flip)
-        for start in range(0, len(self), self.shard_images):
-            block = array[start : start + self.shard_images]
-            for k, n in enumerate(range(start, start + len(block))):
+        cell_major = _cell_major(array)
+        if cell_major is None:  # not the layout `create_store` writes: let zarr read it
+            for n in order:
+                yield n, self._map(n, flip)
+            return
+        c, g = array.shape[1], array.shape[2]
+        filled: queue.Queue = queue.Queue()
+        free: queue.Queue = queue.Queue()
+        for _ in range(ahead + 1):
+            free.put(np.empty((g, g, c) if cell_major else (c, g, g), dtype=np.float16))
+        stop = threading.Event()
+        reader = threading.Thread(
+            target=self._read_shards, args=(array, order, filled, free, stop), name="store-reader", daemon=True
+        )
+        reader.start()
+        held = None
+        try:
+            while True:
+                if held is not None:
+                    free.put(held)
+                item = filled.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                n, held = item
                 gh, gw = self._grid(n)
-                yield self.image_ids[n], torch.from_numpy(block[k, :, :gh, :gw]).float()
+                yield n, held[:gh, :gw].transpose(2, 0, 1) if cell_major else held[:, :gh, :gw]
+        finally:
+            stop.set()
+            reader.join()
+
+    def _read_shards(self, array: zarr.Array, order: list[int], filled: queue.Queue, free: queue.Queue,
+                     stop: threading.Event) -> None:
+        """Reader thread of `iter_maps`: puts ``(n, buffer)`` per image, then None (or the error)."""
+        try:
+            shards: dict[int, list[int]] = {}
+            for n in order:
+                shards.setdefault(n // self.shard_images, []).append(n)
+            files = [self._shard_file(array, shard) for shard in shards]
+            scratch = np.empty(0, dtype=np.uint8)
+            for k, (shard, rows) in enumerate(shards.items()):
+                if k + 1 < len(files):
+                    _prefetch_file(files[k + 1])
+                with _ShardFile(files[k], self.shard_images) as spans:
+                    for n in rows:
+                        while True:
+                            if stop.is_set():
+                                return
+                            try:
+                                buffer = free.get(timeout=0.1)
+                                break
+                            except queue.Empty:
+                                continue
+                        offset, nbytes = spans.entry(n - shard * self.shard_images)
+                        if offset == _EMPTY:
+                            buffer.fill(0)
+                        else:
+                            if scratch.size < nbytes:
+                                scratch = np.empty(nbytes, dtype=np.uint8)
+                            spans.read(offset, scratch[:nbytes])
+                            numcodecs.blosc.decompress(scratch[:nbytes], buffer)
+                        filled.put((n, buffer))
+            filled.put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            filled.put(exc if isinstance(exc, StoreError) else StoreError(f"{self.path}: cannot read features: {exc}"))
+
+    def _map(self, n: int, flip: bool) -> np.ndarray:
+        """``[C, h, w]`` float16 map of image ``n`` (a fresh array)."""
+        gh, gw = self._grid(n)
+        return self._array(flip)[n, :, :gh, :gw]
+
+    def _shard_file(self, array: zarr.Array, shard: int) -> Path:
+        return self.path / array.path / "c" / str(shard) / "0" / "0" / "0"
 
     def _grid(self, n: int) -> tuple[int, int]:
         return int(self._transforms[n, 4]), int(self._transforms[n, 5])
@@ -327,6 +424,111 @@ def write_store(
     return path
 
 
+def sample_map(feats: np.ndarray | torch.Tensor, g: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Bilinear features of one map at continuous cell coords, touching only the 4 neighbour
+    cells of each point (no conversion of the whole map).
+
+    feats: [C, h, w] any float dtype (e.g. the stored float16); g: [N, 2] cell coords (gx, gy)
+    -> [N, C] float32: `coords.sample_cells` on the float32 map (grid_sample,
+    align_corners=False, border padding), up to float32 rounding; non-finite points give NaN.
+    """
+    feats = feats.numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
+    g = np.asarray(g, dtype=np.float64).reshape(-1, 2)
+    c, h, w = feats.shape
+    finite = np.isfinite(g).all(axis=1)
+    # border padding: clamp into the grid; the far neighbour of the last cell has weight 0
+    x = np.clip(np.where(finite, g[:, 0], 0.0), 0, w - 1)
+    y = np.clip(np.where(finite, g[:, 1], 0.0), 0, h - 1)
+    x0 = np.minimum(np.floor(x), max(w - 2, 0)).astype(np.intp)
+    y0 = np.minimum(np.floor(y), max(h - 2, 0)).astype(np.intp)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = x - x0, y - y0
+    weights = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]).astype(np.float32)  # [4, N]
+    corners = feats[:, np.stack([y0, y0, y1, y1]), np.stack([x0, x1, x0, x1])].astype(np.float32)  # [C, 4, N]
+    out = np.einsum("ckn,kn->nc", corners, weights)
+    out[~finite] = np.nan
+    return torch.from_numpy(out)
+
+
+def _cell_major(array: zarr.Array) -> bool | None:
+    """How `_ShardFile` can read ``array`` directly: True if its chunks are stored cell-major
+    (``FILTERS``), False if channel-major (stores of semcorr before ``FILTERS``), None if it
+    is not sharded as `create_store` does it (one Blosc chunk per image, index at the end
+    with crc32c): then only zarr reads it."""
+    codecs = array.metadata.codecs
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or sys.byteorder != "little":
+        return None
+    sharding = codecs[0]
+    inner = list(sharding.codecs)
+    cell_major = bool(inner) and isinstance(inner[0], TransposeCodec)
+    if cell_major:
+        if tuple(inner.pop(0).order) != (0, 2, 3, 1):
+            return None
+    plain = (
+        sharding.index_location == ShardingCodecIndexLocation.end
+        and tuple(sharding.chunk_shape) == (1, *array.shape[1:])
+        and len(inner) == 2 and isinstance(inner[0], BytesCodec) and isinstance(inner[1], BloscCodec)
+        and [type(c) for c in sharding.index_codecs] == [BytesCodec, Crc32cCodec]
+        and array.dtype == np.float16
+    )
+    return cell_major if plain else None
+
+
+class _ShardFile:
+    """One shard file of the zarr v3 sharding layout: chunks, then the index
+    ``[chunks, 2] uint64 (offset, nbytes)`` and its crc32c. A missing file reads as empty."""
+
+    def __init__(self, path: Path, chunks: int):
+        self.path, self.chunks, self.fd = path, chunks, None
+
+    def __enter__(self) -> "_ShardFile":
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            self.index = np.full((self.chunks, 2), _EMPTY, dtype=np.uint64)
+            return self
+        size = os.fstat(self.fd).st_size
+        tail = np.empty(self.chunks * 16 + 4, dtype=np.uint8)
+        if size < tail.size:
+            raise StoreError(f"{self.path}: shard file too short for its index ({size} bytes)")
+        self.read(size - tail.size, tail)
+        if google_crc32c.value(tail[:-4].tobytes()) != int(tail[-4:].view("<u4")[0]):
+            raise StoreError(f"{self.path}: shard index checksum mismatch (corrupt shard file)")
+        self.index = tail[:-4].view("<u8").reshape(self.chunks, 2)
+        used = self.index[:, 0] != _EMPTY
+        if (self.index[used, 0] + self.index[used, 1] > size - tail.size).any():
+            raise StoreError(f"{self.path}: shard index points past the end of the file")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+    def entry(self, k: int) -> tuple[int, int]:
+        offset, nbytes = self.index[k]
+        return int(offset), int(nbytes)
+
+    def read(self, offset: int, out: np.ndarray) -> None:
+        view, done = memoryview(out).cast("B"), 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise StoreError(f"{self.path}: unexpected end of file at byte {offset + done}")
+            done += got
+
+
+def _prefetch_file(path: Path) -> None:
+    """Ask the kernel to start reading ``path`` into the page cache (returns at once)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 def _create_group(
     path: Path, layout: dict, n: int, transforms: np.ndarray, shard_images: int, grid_max: int | None = None
 ) -> zarr.Group:
@@ -338,7 +540,7 @@ def _create_group(
     for name in ("feats", "feats_flip") if layout["flips"] else ("feats",):
         group.create_array(
             name, shape=(n, c, grid_max, grid_max), dtype="float16", chunks=(1, c, grid_max, grid_max),
-            shards=(shard_images, c, grid_max, grid_max), compressors=CODEC, fill_value=0,
+            shards=(shard_images, c, grid_max, grid_max), filters=FILTERS, compressors=CODEC, fill_value=0,
         )
     # One chunk per store shard: each writer only ever touches the flags of its own shards.
     group.create_array("done", shape=(n,), dtype="uint8", chunks=(shard_images,), fill_value=0)

@@ -1,29 +1,46 @@
-"""`semcorr <stage>`: every DVC stage, callable by hand with the same arguments as dvc.yaml."""
+"""`semcorr <stage>`: every DVC stage, callable by hand with the same arguments as dvc.yaml.
+
+Only the stage being run is imported (a DVC repro starts this CLI once per stage, and
+the backbone libraries are slow to import); `semcorr --help` imports them all.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import typer
 
-from stages import download, evaluate, extract, finetune, match, prepare, report, workspace
+# name -> (module, function, help), in DAG order
+STAGES = {
+    "download": ("stages.download", "command", "Fetch a dataset or backbone checkpoint (checksummed) into data/raw or data/weights."),
+    "prepare": ("stages.prepare", "command", "Parse a dataset into data/prepared/<dataset>/{pairs,images}.parquet."),
+    "extract": ("stages.extract", "command", "Dense features of every image of a dataset into a zarr store."),
+    "finetune": ("stages.finetune", "command", "Fine-tune the last N blocks of a backbone with Gaussian cross-entropy."),
+    "match": ("stages.match", "command", "Predict target keypoints from cached features (argmax / soft-argmax)."),
+    "evaluate": ("stages.evaluate", "command", "PCK per image and per point from a predictions table."),
+    "report": ("stages.report", "command", "Summary table, text reports and pictures over everything evaluated."),
+    "visualize": ("stages.report", "visualize_command", "Draw one pair: ground truth against prediction."),
+    "workspace": ("stages.workspace", "command", "Create or refresh a self-contained git+DVC workspace (used by `make demo`)."),
+}
 
-app = typer.Typer(
-    help="semcorr: cache-first semantic-correspondence evaluation and fine-tuning. "
-    "Stages in DAG order: download, prepare, extract, finetune, match, evaluate, report.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
 
-app.command("download", help="Fetch a dataset or backbone checkpoint (checksummed) into data/raw or data/weights.")(download.command)
-app.command("prepare", help="Parse a dataset into data/prepared/<dataset>/{pairs,images}.parquet.")(prepare.command)
-app.command("extract", help="Dense features of every image of a dataset into a zarr store.")(extract.command)
-app.command("finetune", help="Fine-tune the last N blocks of a backbone with Gaussian cross-entropy.")(finetune.command)
-app.command("match", help="Predict target keypoints from cached features (argmax / soft-argmax).")(match.command)
-app.command("evaluate", help="PCK per image and per point from a predictions table.")(evaluate.command)
-app.command("report", help="Summary table, text reports and pictures over everything evaluated.")(report.command)
-app.command("visualize", help="Draw one pair: ground truth against prediction.")(report.visualize_command)
-app.command("workspace", help="Create or refresh a self-contained git+DVC workspace (used by `make demo`).")(workspace.command)
+def build_app(names: list[str]) -> typer.Typer:
+    app = typer.Typer(
+        help="semcorr: cache-first semantic-correspondence evaluation and fine-tuning. "
+        "Stages in DAG order: download, prepare, extract, finetune, match, evaluate, report.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+    # a callback keeps the app a command group even when one stage is registered
+    app.callback()(lambda: None)
+    for name in names:
+        module, function, help_text = STAGES[name]
+        app.command(name, help=help_text)(getattr(importlib.import_module(module), function))
+    return app
 
 
 def main() -> None:
-    app()
+    requested = sys.argv[1] if len(sys.argv) > 1 else None
+    build_app([requested] if requested in STAGES else list(STAGES))()

@@ -1,5 +1,5 @@
 """Stage `evaluate`: ``data/predictions/<V>/<D>/<method>.parquet`` + the pair table ->
-``data/eval/<V>/<D>/<method>/`` (metrics.json, per_category.csv, the phase text reports).
+``data/eval/<V>/<D>/<method>/`` (metrics.json, per_category.csv, reports/phase{X}_<method>_{image,kpt}_report.txt).
 
 Reads only tables: never an image, a feature or a backbone.
 """
@@ -54,8 +54,9 @@ def main(
         tmp.mkdir(parents=True)
         write_json(tmp / "metrics.json", metrics_dict(setting, overall))
         per_category_table(overall, per_category).to_csv(tmp / "per_category.csv", index=False)
+        (tmp / "reports").mkdir()
         for kind in ("image", "kpt"):
-            (tmp / report_name(setting["phase"], method, kind)).write_text(text_report(kind, setting, overall, per_category))
+            (tmp / "reports" / report_name(setting["phase"], method, kind)).write_text(text_report(kind, setting, overall, per_category))
     return out
 
 

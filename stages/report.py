@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -46,10 +47,23 @@ def main(
     with atomic_path(results / "summary.csv") as tmp:
         table.to_csv(tmp, index=False)
     write_json(results / "metrics.json", summary_metrics(table))
+    collect_text_reports(data_root / "eval", results / "reports")
     if max_pair_pictures > 0 or pictures_per_category > 0:
         draw_pictures(table, data_root, results / "pictures", pictures_per_category, max_pair_pictures)
+    (results / "pictures").mkdir(exist_ok=True)
     print_table(table)
     return results
+
+
+def collect_text_reports(eval_root: Path, out: Path) -> Path:
+    """Every evaluation's phase reports, gathered as ``<out>/<variant>/<dataset>/phase*_report.txt``."""
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        for report in sorted(eval_root.glob("*/*/*/reports/*.txt")):
+            variant, dataset = report.parts[-5], report.parts[-4]
+            (tmp / variant / dataset).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(report, tmp / variant / dataset / report.name)
+    return out
 
 
 def print_table(table: pd.DataFrame) -> None:

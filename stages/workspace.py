@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -17,8 +18,10 @@ import typer
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("dvc.yaml", "pipeline", "stages")
+COPIED = ("dvc.yaml", ".dvcignore", "pipeline", "stages")
 IGNORED = "__pycache__"
+# dvc from the same environment as this interpreter, activated or not
+DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 def apply_override(params: dict, assignment: str) -> None:
@@ -56,10 +59,10 @@ def main(target: Path, params_file: Path, overrides: list[str], project_root: Pa
         run("git", "config", "user.email", "semcorr@localhost")
         run("git", "config", "user.name", "semcorr")
     if not (target / ".dvc").exists():
-        run("dvc", "init", "-q")
-        run("dvc", "config", "core.autostage", "true")
-        run("dvc", "config", "core.analytics", "false")
-    (target / ".gitignore").write_text(f"{IGNORED}/\n")
+        run(DVC, "init", "-q")
+        run(DVC, "config", "core.autostage", "true")
+        run(DVC, "config", "core.analytics", "false")
+    shutil.copy2(project_root / ".gitignore", target / ".gitignore")
     run("git", "add", "-A")
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=target).returncode != 0:
         run("git", "commit", "-q", "-m", "semcorr workspace: code and params")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -238,3 +242,46 @@ def test_export_h5_in_hloc_layout(tmp_path):
         assert g.attrs["pair_id"] == "p0"
         assert f["cat-b.jpg/cat-a.jpg"]["matches0"][()].tolist() == [0]
         assert f["cat-b.jpg/cat-a.jpg#p2"]["matches0"][()].tolist() == [-1]  # repeated pair; unreliable
+
+
+def test_eval_throughput_benchmark_smoke(tmp_path):
+    """The benchmark script runs end to end at toy size and prints its table."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/eval_throughput.py", "--workdir", str(tmp_path), "--images", "12",
+         "--pairs", "30", "--read-test-mb", "8"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "12 / 30 / " in done.stdout and "time / bound (2 reads)" in done.stdout
+    pred = pd.read_parquet(tmp_path / "data" / "predictions" / "bench_bb" / "bench" / "argmax.parquet")
+    assert pred["pair_id"].nunique() == 30 and np.isfinite(pred[["x", "y"]].to_numpy()).all()
+
+
+@pytest.mark.parametrize("conf", [{"method": "argmax"}, {"method": "softargmax"}, {"method": "argmax", "upsample": 2}])
+def test_store_passes_equal_per_pair_reference(tmp_path, conf):
+    """Bulk passes (gathered source descriptors, shared target products) = per-pair tensor matching."""
+    from pipeline.coords import sample_cells
+
+    rng = np.random.default_rng(5)
+    sizes = [(45, 70), (62, 41), (56, 56), (30, 50), (50, 30)]
+    items = [(f"i{k}", rng.standard_normal((C, t.grid_h, t.grid_w)).astype(np.float32), t)
+             for k, t in enumerate(transform(hw, "pad") for hw in sizes)]
+    store = open_store(write_store(tmp_path / "f.zarr", store_attrs(), items, shard_images=2))
+    rows = []
+    for p in range(12):
+        s, t = rng.choice(len(items), 2, replace=False)
+        h, w = sizes[s]
+        src_xy = rng.uniform([-2, -2], [w + 1, h + 1], (int(rng.integers(1, 9)), 2))
+        rows.append(pair_row(f"p{p}", f"i{s}", f"i{t}", src_xy, src_xy))
+    pairs = pd.DataFrame(rows)
+    pred = match_pairs(store, pairs, conf)
+    for row in pairs.itertuples():
+        xy = torch.from_numpy(np.asarray(row.source_kps, dtype=np.float64).reshape(-1, 2))
+        g = store.transform(row.source_id).pixels_to_cells(xy).float()
+        desc = sample_cells(store.features(row.source_id)[None], g[None])
+        cells, scores = match_keypoints(desc, store.features(row.target_id), **conf)
+        expected = store.transform(row.target_id).cells_to_pixels(cells[0].double()).numpy()
+        got = pred[pred.pair_id == row.pair_id]
+        np.testing.assert_allclose(got[["x", "y"]].to_numpy(), expected, atol=1e-3)
+        np.testing.assert_allclose(got["score"].to_numpy(), scores[0].numpy(), atol=1e-5)

@@ -123,18 +123,19 @@ def test_match_evaluate_report_files_and_numbers(project, tmp_path):
     assert (m["phase"], m["norm_kind"], m["random_init"], m["match"]["window"]) == (3, "image", True, 2)
 
     out = data / "eval" / "toy_bb" / "toy" / "argmax"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "metrics.json", "per_category.csv", "phase1_argmax_image_report.txt", "phase1_argmax_kpt_report.txt"]
-    text = (out / "phase1_argmax_image_report.txt").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_category.csv", "reports"]
+    assert sorted(p.name for p in (out / "reports").iterdir()) == [
+        "phase1_argmax_image_report.txt", "phase1_argmax_kpt_report.txt"]
+    text = (out / "reports" / "phase1_argmax_image_report.txt").read_text()
     for needle in ("per image", "normaliser: image", "RANDOM-INIT", "dataset: toy", "toy_bb", "argmax",
                    "1 left out for having no visible keypoint", "PCK@0.1"):
         assert needle in text
-    assert "per point" in (out / "phase1_argmax_kpt_report.txt").read_text()
+    assert "per point" in (out / "reports" / "phase1_argmax_kpt_report.txt").read_text()
     per_cat = pd.read_csv(out / "per_category.csv")
     assert set(per_cat["category"]) == {"a", "b", "all"} and len(per_cat) == 9
     tuned = data / "eval" / "toy_bb_ft2" / "toy"
-    assert (tuned / "argmax" / "phase4_argmax_image_report.txt").is_file()
-    assert "trained on: other" in (tuned / "softargmax" / "phase4_softargmax_kpt_report.txt").read_text()
+    assert (tuned / "argmax" / "reports" / "phase4_argmax_image_report.txt").is_file()
+    assert "trained on: other" in (tuned / "softargmax" / "reports" / "phase4_softargmax_kpt_report.txt").read_text()
     with h5py.File(data / "predictions" / "toy_bb" / "toy" / "argmax.h5", "r") as f:
         assert f["im1/im3"]["matches0"].shape == (5,)
 
@@ -144,6 +145,7 @@ def test_match_evaluate_report_files_and_numbers(project, tmp_path):
     row = summary[(summary.variant == "toy_bb") & (summary.method == "softargmax")].iloc[0]
     assert row["pck_point@0.1"] == pytest.approx(expected.point[0.1])
     assert "| toy_bb | 3 | toy | softargmax |" in (results / "summary.md").read_text()
+    assert (results / "reports" / "toy_bb_ft2" / "toy" / "phase4_softargmax_kpt_report.txt").is_file()
     metrics = json.loads((results / "metrics.json").read_text())
     assert metrics["toy_bb/toy/softargmax"]["pck_image@0.1"] == pytest.approx(expected.image[0.1])
     pictures = results / "pictures"

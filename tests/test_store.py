@@ -4,6 +4,7 @@ transform, attrs checks, incomplete stores and shard-wise creation."""
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -140,3 +141,63 @@ def test_bad_features_refused(tmp_path):
     assert not (tmp_path / "s.zarr").exists()
     with pytest.raises(ValueError, match="lack"):
         write_store(tmp_path / "s.zarr", {"backbone": "x"}, items)
+
+
+@pytest.mark.parametrize("hw", [(7, 5), (1, 4), (3, 1), (2, 2)])
+def test_sample_map_equals_grid_sample(hw):
+    """The 4-neighbour gather on the float16 map is `coords.sample_cells` on the float32 map."""
+    from pipeline.coords import sample_cells
+    from pipeline.store import sample_map
+
+    rng = np.random.default_rng(3)
+    h, w = hw
+    feats = rng.standard_normal((C, h, w)).astype(np.float16)
+    corners = [(-0.5, -0.5), (w - 1, h - 1), (w - 0.5, h - 0.5), (0, 0), (w - 1, 0), (0, h - 1), (-3.0, 2.5), (w + 4.0, -7.0)]
+    g = np.concatenate([rng.uniform([-1, -1], [w, h], (200, 2)), np.array(corners, dtype=np.float64)])
+    expected = sample_cells(torch.from_numpy(feats).float()[None], torch.from_numpy(g).float()[None])[0]
+    got = sample_map(feats, g)
+    assert got.dtype == torch.float32 and got.shape == (len(g), C)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # cell-major memory (as `iter_maps` hands out) gives the same; non-finite points give NaN
+    cell_major = np.ascontiguousarray(feats.transpose(1, 2, 0)).transpose(2, 0, 1)
+    torch.testing.assert_close(sample_map(cell_major, g), got, rtol=0, atol=0)
+    assert sample_map(feats, np.array([[np.nan, 1.0]])).isnan().all()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_iter_maps_reads_what_features_reads(tmp_path, monkeypatch, legacy):
+    import pipeline.store as store_module
+    from zarr.codecs import BloscCodec
+
+    if legacy:  # stores written before the cell-major layout read the same (channel-major zstd chunks)
+        monkeypatch.setattr(store_module, "FILTERS", ())
+        monkeypatch.setattr(store_module, "CODEC", BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2))
+    items = make_items("pad", flips=True)
+    path = write_store(tmp_path / "s.zarr", make_attrs(flips=True), items, shard_images=2)
+    store = open_store(path)
+    for flip in (False, True):
+        got = [(n, feats.copy()) for n, feats in store.iter_maps([4, 0, 3, 0], flip=flip, ahead=1)]
+        assert [n for n, _ in got] == [0, 3, 4]
+        for n, feats in got:
+            assert feats.dtype == np.float16
+            torch.testing.assert_close(torch.from_numpy(feats).float(), store.features(store.image_ids[n], flip),
+                                       rtol=0, atol=0)
+    # abandoning the iterator stops its reader thread
+    maps = store.iter_maps(ahead=1)
+    next(maps)
+    maps.close()
+    assert not [t for t in threading.enumerate() if t.name == "store-reader"]
+    with pytest.raises(IndexError, match="out of range"):
+        list(store.iter_maps([5]))
+
+
+def test_iter_maps_refuses_a_corrupt_shard_index(tmp_path):
+    path = write_store(tmp_path / "s.zarr", make_attrs(), make_items("pad"), shard_images=2)
+    shard = path / "feats" / "c" / "1" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    store = open_store(path)
+    assert [n for n, _ in store.iter_maps([0, 1])] == [0, 1]  # other shards still read
+    with pytest.raises(StoreError, match=f"{shard}.*checksum"):
+        list(store.iter_maps([2]))
