@@ -220,8 +220,9 @@ def finetune(
     fingerprint = run_fingerprint(backbone, conf, train_pairs, val_pairs, images)
     state_path = work_dir / "state" / "state.pt"
     state = load_state(state_path, fingerprint)
-    if state is not None and state["epoch"] >= conf["epochs"]:
-        return _result(backbone, state, conf)  # finished before: nothing to redo
+    if state is not None and state["epoch"] >= conf["epochs"]:  # finished before: nothing to redo
+        write_curve(work_dir / "curve.csv", state["curve"])
+        return _result(backbone, state)
 
     backbone.to(device)
     cache = None
@@ -290,7 +291,7 @@ def finetune(
             on_epoch_end(epoch)
     for name in trainable:
         params[name].requires_grad_(False)
-    return _result(backbone, state, conf)
+    return _result(backbone, state)
 
 
 def epoch_batches(n_pairs: int, conf: dict, epoch: int) -> list[list[tuple[int, bool]]]:
@@ -412,7 +413,7 @@ def write_curve(path: Path, rows: list[dict]) -> None:
         pd.DataFrame(rows, columns=CURVE_COLUMNS).to_csv(tmp, index=False)
 
 
-def _result(backbone: Backbone, state: dict, conf: dict) -> FinetuneResult:
+def _result(backbone: Backbone, state: dict) -> FinetuneResult:
     best = state["best"]
     own = backbone.state_dict()
     full = {k: v.detach().cpu().clone() for k, v in own.items()}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -204,8 +203,10 @@ def test_interrupted_run_resumes_and_finished_run_is_not_redone(prepared, tmp_pa
     curve = pd.read_csv(work / "curve.csv")
     assert curve.columns.tolist()[:4] == ["epoch", "step", "loss", "val_pck"]
     assert curve.epoch.tolist() == [0, 1, 2] and curve.step.tolist() == [0, 2, 4]
+    (work / "curve.csv").unlink()  # dvc removes outputs before it reruns a stage
     again = finetune(tiny("dinov2"), train, val, images, work, FAST, on_epoch_end=epochs_run.append)
     assert epochs_run == [2] and again.best_epoch == resumed.best_epoch
+    assert pd.read_csv(work / "curve.csv").epoch.tolist() == [0, 1, 2]
     # another setting is another run: the old state is not reused
     finetune(tiny("dinov2"), train, val, images, work, {**FAST, "epochs": 1}, on_epoch_end=epochs_run.append)
     assert epochs_run == [2, 1]
