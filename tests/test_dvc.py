@@ -17,8 +17,9 @@ BIN = Path(sys.executable).parent
 # The demo, made smaller: fewer synthetic images and one epoch.
 SMALL = [
     "download.synthetic.categories=2",
-    "download.synthetic.images_per_category=5",
+    "download.synthetic.images_per_category=6",
     "finetune.epochs=1",
+    "finetune.milestones=[1]",
     "report.max_pair_pictures=2",
     "report.pictures_per_category=1",
 ]
