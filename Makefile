@@ -12,7 +12,8 @@ TORCH := torch==2.9.1 torchvision==0.24.1
 endif
 DEMO_DIR := build/demo
 WILLOW := $(abspath ../shared/data/pf-willow)
-DEMO_SETS := $(if $(wildcard $(WILLOW)/test_pairs.csv),--set 'datasets=[synthetic, pfwillow]' --set download.pfwillow.source=$(WILLOW),)
+WITH_WILLOW := --set 'datasets=[synthetic, pfwillow]' --set download.pfwillow.source=$(WILLOW)
+DEMO_SETS := $(if $(wildcard $(WILLOW)/test_pairs.csv),$(WITH_WILLOW))
 export PATH := $(BIN):$(PATH)
 
 .PHONY: install test demo bench clean
