@@ -102,19 +102,7 @@ def _dinov2(arch: dict, registers: int = 0) -> dict[str, tuple]:
     }
     if registers:
         shapes["register_tokens"] = (1, registers, d)
-    for i in range(arch["depth"]):
-        b = f"blocks.{i}."
-        shapes |= {
-            b + "norm1.weight": (d,), b + "norm1.bias": (d,),
-            b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
-            b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-            b + "ls1.gamma": (d,),
-            b + "norm2.weight": (d,), b + "norm2.bias": (d,),
-            b + "mlp.fc1.weight": (4 * d, d), b + "mlp.fc1.bias": (4 * d,),
-            b + "mlp.fc2.weight": (d, 4 * d), b + "mlp.fc2.bias": (d,),
-            b + "ls2.gamma": (d,),
-        }  # fmt: skip
-    return shapes
+    return shapes | _meta_blocks(arch["depth"], d)
 
 
 def _dinov3(arch: dict) -> dict[str, tuple]:
@@ -131,11 +119,17 @@ def _dinov3(arch: dict) -> dict[str, tuple]:
         "norm.weight": (d,),
         "norm.bias": (d,),
     }
-    for i in range(arch["depth"]):
+    return shapes | _meta_blocks(arch["depth"], d, qkv_bias_mask=True)
+
+
+def _meta_blocks(depth: int, d: int, qkv_bias_mask: bool = False) -> dict[str, tuple]:
+    """Transformer blocks in Meta's DINOv2 / DINOv3 key layout (layer scale, MLP ratio 4)."""
+    shapes = {}
+    for i in range(depth):
         b = f"blocks.{i}."
         shapes |= {
             b + "norm1.weight": (d,), b + "norm1.bias": (d,),
-            b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,), b + "attn.qkv.bias_mask": (3 * d,),
+            b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
             b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
             b + "ls1.gamma": (d,),
             b + "norm2.weight": (d,), b + "norm2.bias": (d,),
@@ -143,6 +137,8 @@ def _dinov3(arch: dict) -> dict[str, tuple]:
             b + "mlp.fc2.weight": (d, 4 * d), b + "mlp.fc2.bias": (d,),
             b + "ls2.gamma": (d,),
         }  # fmt: skip
+        if qkv_bias_mask:  # DINOv3 zeroes the k bias through a stored mask
+            shapes[b + "attn.qkv.bias_mask"] = (3 * d,)
     return shapes
 
 
