@@ -33,6 +33,8 @@ test: install
 demo: install
 	$(BIN)/semcorr workspace $(DEMO_DIR) --params configs/demo.yaml $(DEMO_SETS)
 	cd $(DEMO_DIR) && dvc repro
+	@# commit the results: the baseline that `dvc exp show` / `dvc metrics diff` compare against
+	cd $(DEMO_DIR) && git add -A && (git diff --cached --quiet || git commit -qm "demo results")
 	@cat $(DEMO_DIR)/results/summary.md
 
 bench: install
