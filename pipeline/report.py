@@ -83,6 +83,11 @@ def text_report(kind: str, setting: dict, overall: PCK, per_category: dict[str, 
         f"pairs: {overall.n_pairs} counted"
         + (f", {overall.n_pairs_no_visible} left out for having no visible keypoint" if per_image else "")
         + f"; visible points: {overall.n_points}",
+    ]
+    if setting.get("mutual_reliable") is not None:
+        lines.append(f"mutual nearest neighbours: {100 * setting['mutual_reliable']:.2f}% of the visible keypoints' "
+                     "matches are mutual (`reliable`); PCK counts every match")
+    lines += [
         "",
         f"{'category':<20}{'n_pairs':>9}{'n_points':>10}" + "".join(f"{'PCK@' + format(a, 'g'):>11}" for a in alphas),
     ]

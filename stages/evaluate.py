@@ -40,8 +40,9 @@ def main(
             raise FileNotFoundError(f"{path}: not found; run `semcorr match --dataset {dataset} --variant {variant} --method {method}` first")
     setting = json.loads(setting_path.read_text())
     pairs = read_pairs(data_root / "prepared" / dataset, split)
+    predictions = pd.read_parquet(pred_path)
     try:
-        overall, per_category = evaluate_predictions(pairs, pd.read_parquet(pred_path), alphas)
+        overall, per_category = evaluate_predictions(pairs, predictions, alphas)
     except KeyError as exc:
         raise TableError(f"{pred_path}: {exc.args[0]} (predictions made for another pair table or split?)") from None
     setting.update(
@@ -49,6 +50,9 @@ def main(
         norm_kind=",".join(sorted(pairs["norm_kind"].unique())),
         phase=phase(method, setting.get("train_dataset"), dataset),
     )
+    if setting.get("match", {}).get("mutual"):
+        visible = predictions["visible"].to_numpy(bool)
+        setting["mutual_reliable"] = float(predictions["reliable"].to_numpy(bool)[visible].mean()) if visible.any() else None
     out = eval_dir(data_root, variant, dataset, method)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)

@@ -121,6 +121,8 @@ def test_match_evaluate_report_files_and_numbers(project, tmp_path):
     assert m["pck_point"] == pytest.approx({str(a): v for a, v in expected.point.items()})
     assert (m["n_pairs"], m["n_points"], m["n_pairs_no_visible"]) == (expected.n_pairs, expected.n_points, 1)
     assert (m["phase"], m["norm_kind"], m["random_init"], m["match"]["window"]) == (3, "image", True, 2)
+    pred = pd.read_parquet(data / "predictions" / "toy_bb" / "toy" / "softargmax.parquet")
+    assert m["mutual_reliable"] == pytest.approx(pred.loc[pred["visible"], "reliable"].mean())
 
     out = data / "eval" / "toy_bb" / "toy" / "argmax"
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_category.csv", "reports"]
@@ -131,6 +133,7 @@ def test_match_evaluate_report_files_and_numbers(project, tmp_path):
                    "1 left out for having no visible keypoint", "PCK@0.1"):
         assert needle in text
     assert "per point" in (out / "reports" / "phase1_argmax_kpt_report.txt").read_text()
+    assert "matches are mutual" in (out / "reports" / "phase1_argmax_kpt_report.txt").read_text()
     per_cat = pd.read_csv(out / "per_category.csv")
     assert set(per_cat["category"]) == {"a", "b", "all"} and len(per_cat) == 9
     tuned = data / "eval" / "toy_bb_ft2" / "toy"
