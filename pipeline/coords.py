@@ -96,14 +96,7 @@ class CellTransform:
     def nearest_cell(self, xy: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """``xy: [..., 2]`` pixels -> ``[..., 2]`` integer (j, i) of the cell whose box holds
         the point, clamped to the grid. This is the cell the matcher maps a pixel to."""
-        g = self.pixels_to_cells(xy)
-        if isinstance(g, torch.Tensor):
-            j = torch.floor(g[..., 0] + 0.5).clamp(0, self.grid_w - 1)
-            i = torch.floor(g[..., 1] + 0.5).clamp(0, self.grid_h - 1)
-            return torch.stack([j, i], dim=-1).long()
-        j = np.clip(np.floor(g[..., 0] + 0.5), 0, self.grid_w - 1)
-        i = np.clip(np.floor(g[..., 1] + 0.5), 0, self.grid_h - 1)
-        return np.stack([j, i], axis=-1).astype(np.int64)
+        return round_cells(self.pixels_to_cells(xy), self.grid_h, self.grid_w)
 
     def cell_box(self, i: int, j: int) -> tuple[float, float, float, float]:
         """Pixel box ``(x0, y0, x1, y1)`` (edges, original image) covered by cell (i, j)."""
@@ -133,6 +126,23 @@ def flip_points(xy: np.ndarray, image_w: int) -> np.ndarray:
     return out
 
 
+def round_cells(g: np.ndarray | torch.Tensor, grid_h: int, grid_w: int) -> np.ndarray | torch.Tensor:
+    """``g: [..., 2]`` continuous cell coords -> ``[..., 2]`` int64 (j, i) of the cell whose box
+    holds the point, clamped to the grid."""
+    if isinstance(g, torch.Tensor):
+        j = torch.floor(g[..., 0] + 0.5).clamp(0, grid_w - 1)
+        i = torch.floor(g[..., 1] + 0.5).clamp(0, grid_h - 1)
+        return torch.stack([j, i], dim=-1).long()
+    j = np.clip(np.floor(g[..., 0] + 0.5), 0, grid_w - 1)
+    i = np.clip(np.floor(g[..., 1] + 0.5), 0, grid_h - 1)
+    return np.stack([j, i], axis=-1).astype(np.int64)
+
+
+def inside_cells(g: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
+    """``g: [N, 2]`` continuous cell coords -> ``[N]`` bool: inside some cell's box."""
+    return (g[:, 0] >= -0.5) & (g[:, 0] <= grid_w - 0.5) & (g[:, 1] >= -0.5) & (g[:, 1] <= grid_h - 0.5)
+
+
 def cells_to_grid(g: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     """``g: [..., 2]`` cell coords -> normalised coords for
     ``grid_sample(..., align_corners=False)`` on a ``grid_h x grid_w`` map."""
@@ -149,6 +159,33 @@ def sample_cells(feats: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     grid = cells_to_grid(g.to(feats.dtype), feats.shape[-2], feats.shape[-1])
     out = F.grid_sample(feats, grid[:, None], mode="bilinear", padding_mode="border", align_corners=False)
     return out[:, :, 0].transpose(1, 2)
+
+
+def sample_map(feats: np.ndarray | torch.Tensor, g: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Bilinear features of one map at continuous cell coords, touching only the 4 neighbour
+    cells of each point (no conversion of the whole map): `sample_cells` for the matcher's
+    hot loop over float16 cached maps.
+
+    feats: [C, h, w] any float dtype (e.g. the stored float16); g: [N, 2] cell coords (gx, gy)
+    -> [N, C] float32: `sample_cells` on the float32 map (grid_sample,
+    align_corners=False, border padding), up to float32 rounding; non-finite points give NaN.
+    """
+    feats = feats.numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
+    g = np.asarray(g, dtype=np.float64).reshape(-1, 2)
+    c, h, w = feats.shape
+    finite = np.isfinite(g).all(axis=1)
+    # border padding: clamp into the grid; the far neighbour of the last cell has weight 0
+    x = np.clip(np.where(finite, g[:, 0], 0.0), 0, w - 1)
+    y = np.clip(np.where(finite, g[:, 1], 0.0), 0, h - 1)
+    x0 = np.minimum(np.floor(x), max(w - 2, 0)).astype(np.intp)
+    y0 = np.minimum(np.floor(y), max(h - 2, 0)).astype(np.intp)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = x - x0, y - y0
+    weights = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]).astype(np.float32)  # [4, N]
+    corners = feats[:, np.stack([y0, y0, y1, y1]), np.stack([x0, x1, x0, x1])].astype(np.float32)  # [C, 4, N]
+    out = np.einsum("ckn,kn->nc", corners, weights)
+    out[~finite] = np.nan
+    return torch.from_numpy(out)
 
 
 def upsampled_cells_to_cells(g_up: torch.Tensor | np.ndarray, factor: int):

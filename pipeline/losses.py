@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.coords import CellTransform, sample_cells
+from pipeline.coords import CellTransform, inside_cells, sample_cells
 
 default_conf = {
     "temperature": 0.03,  # softmax temperature on cosine similarities
@@ -38,12 +38,6 @@ class KeypointTargets:
     valid: torch.Tensor
 
 
-def inside_grid(cells: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
-    """``cells: [N, 2]`` continuous (gx, gy) -> ``[N]`` bool: inside some cell's box."""
-    h, w = grid_hw
-    return (cells[:, 0] >= -0.5) & (cells[:, 0] <= w - 0.5) & (cells[:, 1] >= -0.5) & (cells[:, 1] <= h - 0.5)
-
-
 def keypoint_targets(
     src_xy: np.ndarray,
     trg_xy: np.ndarray,
@@ -62,8 +56,8 @@ def keypoint_targets(
     trg_cells = trg_transform.pixels_to_cells(trg_xy)
     valid = (
         np.asarray(visible, dtype=bool)
-        & inside_grid(src_cells, (src_transform.grid_h, src_transform.grid_w))
-        & inside_grid(trg_cells, (trg_transform.grid_h, trg_transform.grid_w))
+        & inside_cells(src_cells, src_transform.grid_h, src_transform.grid_w)
+        & inside_cells(trg_cells, trg_transform.grid_h, trg_transform.grid_w)
     )
     src_cells = np.where(valid[:, None], src_cells, 0.0)
     trg_peak = np.where(valid[:, None], trg_transform.nearest_cell(trg_xy), 0)

@@ -17,8 +17,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.coords import flat_index_to_cells, upsampled_cells_to_cells
-from pipeline.store import sample_map
+from pipeline.coords import flat_index_to_cells, round_cells, sample_map, upsampled_cells_to_cells
 from pipeline.tables import keypoints
 
 METHODS = ("argmax", "softargmax")
@@ -137,9 +136,7 @@ def mutual_nearest(trg_desc: torch.Tensor, src_feats: torch.Tensor, src_cells: t
     c, h, w = src_feats.shape
     sim = F.normalize(trg_desc.float(), dim=-1) @ F.normalize(src_feats.float().reshape(c, h * w), dim=0)
     back = flat_index_to_cells(sim.argmax(dim=1), w)
-    own = torch.stack(
-        [torch.floor(src_cells[:, 0] + 0.5).clamp(0, w - 1), torch.floor(src_cells[:, 1] + 0.5).clamp(0, h - 1)], dim=1
-    )
+    own = round_cells(src_cells, h, w)
     return ((back - own).abs() <= 1).all(dim=1)
 
 

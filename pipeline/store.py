@@ -47,7 +47,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, TransposeCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from pipeline.coords import CellTransform
+from pipeline.coords import CellTransform, sample_map
 
 FORMAT = "semcorr-features/1"
 # Attrs a reader relies on; `write_store` and `create_store` refuse attrs without them.
@@ -147,15 +147,14 @@ class FeatureStore:
         (asking the kernel to prefetch the next shard) and decodes the chunks into a ring
         of ``ahead + 1`` reused buffers; Blosc releases the GIL, so decoding overlaps the
         caller's compute. Each yielded array is a view of a reused buffer: valid only until
-        the next item is requested (copy it to keep it). In stores written with ``FILTERS``
-        its memory is cell-major (``feats.transpose(1, 2, 0)`` is a C-ordered ``[h, w, C]`` view).
+        the next item is requested (copy it to keep it). Its memory is cell-major
+        (``feats.transpose(1, 2, 0)`` is a C-ordered ``[h, w, C]`` view).
         """
         order = sorted(set(range(len(self)) if indices is None else (int(n) for n in indices)))
         if order and not 0 <= order[0] <= order[-1] < len(self):
             raise IndexError(f"{self.path}: image index out of range 0..{len(self) - 1}")
         array = self._array(flip)
-        cell_major = _cell_major(array)
-        if cell_major is None:  # not the layout `create_store` writes: let zarr read it
+        if not _fast_layout(array):  # not the layout `create_store` writes: let zarr read it
             for n in order:
                 yield n, self._map(n, flip)
             return
@@ -163,7 +162,7 @@ class FeatureStore:
         filled: queue.Queue = queue.Queue()
         free: queue.Queue = queue.Queue()
         for _ in range(ahead + 1):
-            free.put(np.empty((g, g, c) if cell_major else (c, g, g), dtype=np.float16))
+            free.put(np.empty((g, g, c), dtype=np.float16))
         stop = threading.Event()
         reader = threading.Thread(
             target=self._read_shards, args=(array, order, filled, free, stop), name="store-reader", daemon=True
@@ -181,7 +180,7 @@ class FeatureStore:
                     raise item
                 n, held = item
                 gh, gw = self._grid(n)
-                yield n, held[:gh, :gw].transpose(2, 0, 1) if cell_major else held[:, :gh, :gw]
+                yield n, held[:gh, :gw].transpose(2, 0, 1)
         finally:
             stop.set()
             reader.join()
@@ -424,54 +423,24 @@ def write_store(
     return path
 
 
-def sample_map(feats: np.ndarray | torch.Tensor, g: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Bilinear features of one map at continuous cell coords, touching only the 4 neighbour
-    cells of each point (no conversion of the whole map).
-
-    feats: [C, h, w] any float dtype (e.g. the stored float16); g: [N, 2] cell coords (gx, gy)
-    -> [N, C] float32: `coords.sample_cells` on the float32 map (grid_sample,
-    align_corners=False, border padding), up to float32 rounding; non-finite points give NaN.
-    """
-    feats = feats.numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
-    g = np.asarray(g, dtype=np.float64).reshape(-1, 2)
-    c, h, w = feats.shape
-    finite = np.isfinite(g).all(axis=1)
-    # border padding: clamp into the grid; the far neighbour of the last cell has weight 0
-    x = np.clip(np.where(finite, g[:, 0], 0.0), 0, w - 1)
-    y = np.clip(np.where(finite, g[:, 1], 0.0), 0, h - 1)
-    x0 = np.minimum(np.floor(x), max(w - 2, 0)).astype(np.intp)
-    y0 = np.minimum(np.floor(y), max(h - 2, 0)).astype(np.intp)
-    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
-    fx, fy = x - x0, y - y0
-    weights = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]).astype(np.float32)  # [4, N]
-    corners = feats[:, np.stack([y0, y0, y1, y1]), np.stack([x0, x1, x0, x1])].astype(np.float32)  # [C, 4, N]
-    out = np.einsum("ckn,kn->nc", corners, weights)
-    out[~finite] = np.nan
-    return torch.from_numpy(out)
-
-
-def _cell_major(array: zarr.Array) -> bool | None:
-    """How `_ShardFile` can read ``array`` directly: True if its chunks are stored cell-major
-    (``FILTERS``), False if channel-major (stores of semcorr before ``FILTERS``), None if it
-    is not sharded as `create_store` does it (one Blosc chunk per image, index at the end
-    with crc32c): then only zarr reads it."""
+def _fast_layout(array: zarr.Array) -> bool:
+    """Whether `_ShardFile` can read ``array`` directly: the layout `create_store` writes
+    (one cell-major (``FILTERS``) Blosc chunk per image, index at the end with crc32c).
+    Anything else is read through zarr."""
     codecs = array.metadata.codecs
     if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or sys.byteorder != "little":
-        return None
+        return False
     sharding = codecs[0]
     inner = list(sharding.codecs)
-    cell_major = bool(inner) and isinstance(inner[0], TransposeCodec)
-    if cell_major:
-        if tuple(inner.pop(0).order) != (0, 2, 3, 1):
-            return None
-    plain = (
-        sharding.index_location == ShardingCodecIndexLocation.end
+    return (
+        len(inner) == 3
+        and isinstance(inner[0], TransposeCodec) and tuple(inner[0].order) == (0, 2, 3, 1)
+        and isinstance(inner[1], BytesCodec) and isinstance(inner[2], BloscCodec)
+        and sharding.index_location == ShardingCodecIndexLocation.end
         and tuple(sharding.chunk_shape) == (1, *array.shape[1:])
-        and len(inner) == 2 and isinstance(inner[0], BytesCodec) and isinstance(inner[1], BloscCodec)
         and [type(c) for c in sharding.index_codecs] == [BytesCodec, Crc32cCodec]
         and array.dtype == np.float16
     )
-    return cell_major if plain else None
 
 
 class _ShardFile:

@@ -147,7 +147,7 @@ def test_bad_features_refused(tmp_path):
 def test_sample_map_equals_grid_sample(hw):
     """The 4-neighbour gather on the float16 map is `coords.sample_cells` on the float32 map."""
     from pipeline.coords import sample_cells
-    from pipeline.store import sample_map
+    from pipeline.coords import sample_map
 
     rng = np.random.default_rng(3)
     h, w = hw
@@ -169,7 +169,7 @@ def test_iter_maps_reads_what_features_reads(tmp_path, monkeypatch, legacy):
     import pipeline.store as store_module
     from zarr.codecs import BloscCodec
 
-    if legacy:  # stores written before the cell-major layout read the same (channel-major zstd chunks)
+    if legacy:  # another layout (channel-major zstd chunks) goes through zarr and reads the same
         monkeypatch.setattr(store_module, "FILTERS", ())
         monkeypatch.setattr(store_module, "CODEC", BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2))
     items = make_items("pad", flips=True)
