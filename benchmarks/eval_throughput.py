@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.coords import CellTransform
-from pipeline.store import CODEC, open_store, write_store
-from pipeline.tables import flatten, write_tables
-from stages import evaluate, match
+from semcorr.pipeline.coords import CellTransform
+from semcorr.pipeline.store import CODEC, open_store, write_store
+from semcorr.pipeline.tables import flatten, write_tables
+from semcorr.stages import evaluate, match
 
 GRID, DIM, PATCH, SIDE = 60, 768, 14, 480  # 480 px images squashed to 840 px -> 60 x 60 cells
 DATASET, VARIANT = "bench", "bench_bb"

@@ -26,9 +26,9 @@ from PIL import Image
 from skimage import data as samples
 from skimage.transform import resize
 
-from pipeline.backbones import build_backbone
-from pipeline.extract import extract_features, resolve_device, store_attrs
-from pipeline.store import open_store
+from semcorr.pipeline.backbones import build_backbone
+from semcorr.pipeline.extract import extract_features, resolve_device, store_attrs
+from semcorr.pipeline.store import open_store
 
 SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 SIZES = ((480, 640), (640, 480), (500, 500), (375, 500), (600, 900))  # (h, w)

@@ -26,9 +26,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.finetune import Pair, PrefixSource, train_step, trainable_parameters  # noqa: E402
-from pipeline.prefix_cache import build_prefix_cache  # noqa: E402
+from semcorr.pipeline.backbones import build_backbone  # noqa: E402
+from semcorr.pipeline.finetune import Pair, PrefixSource, train_step, trainable_parameters  # noqa: E402
+from semcorr.pipeline.prefix_cache import build_prefix_cache  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

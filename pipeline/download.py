@@ -27,7 +27,7 @@ import requests
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-from pipeline.io import atomic_path, write_json
+from semcorr.pipeline.io import atomic_path, write_json
 
 console = Console(stderr=True)
 

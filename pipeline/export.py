@@ -22,8 +22,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from pipeline.io import atomic_path
-from pipeline.tables import keypoints
+from semcorr.pipeline.io import atomic_path
+from semcorr.pipeline.tables import keypoints
 
 
 def names_to_pair(name0: str, name1: str, separator: str = "/") -> str:

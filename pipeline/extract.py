@@ -31,8 +31,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.backbones.base import Backbone
-from pipeline.store import FeatureStore, create_store, library_versions
+from semcorr.pipeline.backbones.base import Backbone
+from semcorr.pipeline.store import FeatureStore, create_store, library_versions
 
 default_conf = {
     "batch_size": 8,  # images per forward (a batch never spans two store shards)

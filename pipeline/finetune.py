@@ -30,17 +30,17 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from pipeline.backbones.base import Backbone
-from pipeline.coords import CellTransform, flip_points
-from pipeline.io import atomic_path, write_json
-from pipeline.losses import KeypointTargets, batch_loss, keypoint_targets
-from pipeline.extract import store_attrs
-from pipeline.matching import match_pairs
-from pipeline.pck import evaluate_predictions
-from pipeline.prefix_cache import Entry, build_prefix_cache
-from pipeline.store import open_store, write_store
-from pipeline.tables import keypoints
-from pipeline.weights import sha256_file
+from semcorr.pipeline.backbones.base import Backbone
+from semcorr.pipeline.coords import CellTransform, flip_points
+from semcorr.pipeline.io import atomic_path, write_json
+from semcorr.pipeline.losses import KeypointTargets, batch_loss, keypoint_targets
+from semcorr.pipeline.extract import store_attrs
+from semcorr.pipeline.matching import match_pairs
+from semcorr.pipeline.pck import evaluate_predictions
+from semcorr.pipeline.prefix_cache import Entry, build_prefix_cache
+from semcorr.pipeline.store import open_store, write_store
+from semcorr.pipeline.tables import keypoints
+from semcorr.pipeline.weights import sha256_file
 
 default_conf = {
     "depth": 2,  # N: number of last transformer blocks to train

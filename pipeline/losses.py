@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.coords import CellTransform, inside_cells, sample_cells
+from semcorr.pipeline.coords import CellTransform, inside_cells, sample_cells
 
 default_conf = {
     "temperature": 0.03,  # softmax temperature on cosine similarities

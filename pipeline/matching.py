@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.coords import flat_index_to_cells, round_cells, sample_map, upsampled_cells_to_cells
-from pipeline.tables import keypoints
+from semcorr.pipeline.coords import flat_index_to_cells, round_cells, sample_map, upsampled_cells_to_cells
+from semcorr.pipeline.tables import keypoints
 
 METHODS = ("argmax", "softargmax")
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.tables import keypoints
+from semcorr.pipeline.tables import keypoints
 
 DEFAULT_ALPHAS = (0.01, 0.05, 0.1, 0.15, 0.2)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.backbones.base import Backbone
+from semcorr.pipeline.backbones.base import Backbone
 
 default_conf = {
     "dtype": "bfloat16",  # bfloat16 | float16 | float32: storage type of the tokens

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.pck import PCK
-from pipeline.tables import NORM_KINDS
+from semcorr.pipeline.pck import PCK
+from semcorr.pipeline.tables import NORM_KINDS
 
 TUNED_VARIANT = re.compile(r"^(?P<base>.+)_ft(?P<depth>\d+)$")
 SUMMARY_ALPHAS = (0.05, 0.1, 0.15)

@@ -47,7 +47,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, TransposeCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from pipeline.coords import CellTransform, sample_map
+from semcorr.pipeline.coords import CellTransform, sample_map
 
 FORMAT = "semcorr-features/1"
 # Attrs a reader relies on; `write_store` and `create_store` refuse attrs without them.

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.io import atomic_path
+from semcorr.pipeline.io import atomic_path
 
 PAIR_COLUMNS = [
     "pair_id", "split", "category", "source_id", "target_id",

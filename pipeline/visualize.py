@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.io import atomic_path  # noqa: E402
+from semcorr.pipeline.io import atomic_path  # noqa: E402
 
 CORRECT, WRONG = "#1db954", "#e0245e"
 

@@ -13,15 +13,15 @@ import typer
 
 # name -> (module, function, help), in DAG order
 STAGES = {
-    "download": ("stages.download", "command", "Fetch a dataset or backbone checkpoint (checksummed) into data/raw or data/weights."),
-    "prepare": ("stages.prepare", "command", "Parse a dataset into data/prepared/<dataset>/{pairs,images}.parquet."),
-    "extract": ("stages.extract", "command", "Dense features of every image of a dataset into a zarr store."),
-    "finetune": ("stages.finetune", "command", "Fine-tune the last N blocks of a backbone with Gaussian cross-entropy."),
-    "match": ("stages.match", "command", "Predict target keypoints from cached features (argmax / soft-argmax)."),
-    "evaluate": ("stages.evaluate", "command", "PCK per image and per point from a predictions table."),
-    "report": ("stages.report", "command", "Summary table, text reports and pictures over everything evaluated."),
-    "visualize": ("stages.report", "visualize_command", "Draw one pair: ground truth against prediction."),
-    "workspace": ("stages.workspace", "command", "Create or refresh a self-contained git+DVC workspace (used by `make demo`)."),
+    "download": ("semcorr.stages.download", "command", "Fetch a dataset or backbone checkpoint (checksummed) into data/raw or data/weights."),
+    "prepare": ("semcorr.stages.prepare", "command", "Parse a dataset into data/prepared/<dataset>/{pairs,images}.parquet."),
+    "extract": ("semcorr.stages.extract", "command", "Dense features of every image of a dataset into a zarr store."),
+    "finetune": ("semcorr.stages.finetune", "command", "Fine-tune the last N blocks of a backbone with Gaussian cross-entropy."),
+    "match": ("semcorr.stages.match", "command", "Predict target keypoints from cached features (argmax / soft-argmax)."),
+    "evaluate": ("semcorr.stages.evaluate", "command", "PCK per image and per point from a predictions table."),
+    "report": ("semcorr.stages.report", "command", "Summary table, text reports and pictures over everything evaluated."),
+    "visualize": ("semcorr.stages.report", "visualize_command", "Draw one pair: ground truth against prediction."),
+    "workspace": ("semcorr.stages.workspace", "command", "Create or refresh a self-contained git+DVC workspace (used by `make demo`)."),
 }
 
 

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pipeline.datasets import DatasetError, synthetic
-from pipeline.download import CONNECT_TIMEOUT, DATASETS, DownloadError, download_dataset, download_weights
-from stages.params import DEFAULT_PARAMS, load_params, section
+from semcorr.pipeline.datasets import DatasetError, synthetic
+from semcorr.pipeline.download import CONNECT_TIMEOUT, DATASETS, DownloadError, download_dataset, download_weights
+from semcorr.stages.params import DEFAULT_PARAMS, load_params, section
 
 console = Console(stderr=True)
 

@@ -14,12 +14,12 @@ import pandas as pd
 import typer
 from rich.console import Console
 
-from pipeline.io import atomic_path, write_json
-from pipeline.pck import DEFAULT_ALPHAS, evaluate_predictions
-from pipeline.report import metrics_dict, per_category_table, phase, report_name, text_report
-from pipeline.tables import TableError, read_pairs
-from stages.match import predictions_dir
-from stages.params import DEFAULT_PARAMS, load_params, section
+from semcorr.pipeline.io import atomic_path, write_json
+from semcorr.pipeline.pck import DEFAULT_ALPHAS, evaluate_predictions
+from semcorr.pipeline.report import metrics_dict, per_category_table, phase, report_name, text_report
+from semcorr.pipeline.tables import TableError, read_pairs
+from semcorr.stages.match import predictions_dir
+from semcorr.stages.params import DEFAULT_PARAMS, load_params, section
 
 console = Console(stderr=True)
 

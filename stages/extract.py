@@ -10,12 +10,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pipeline.backbones import BackboneSpec, build_backbone
-from pipeline.extract import ExtractError, extract_features, store_attrs
-from pipeline.store import StoreError, store_path
-from pipeline.tables import TableError, read_images
-from pipeline.weights import WeightsError
-from stages.params import DEFAULT_PARAMS, load_params, section
+from semcorr.pipeline.backbones import BackboneSpec, build_backbone
+from semcorr.pipeline.extract import ExtractError, extract_features, store_attrs
+from semcorr.pipeline.store import StoreError, store_path
+from semcorr.pipeline.tables import TableError, read_images
+from semcorr.pipeline.weights import WeightsError
+from semcorr.stages.params import DEFAULT_PARAMS, load_params, section
 
 console = Console(stderr=True)
 

@@ -11,14 +11,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pipeline.backbones import build_backbone
-from pipeline.extract import resolve_device
-from pipeline.finetune import FinetuneError, default_conf, finetune, save_tuned
-from pipeline.prefix_cache import PrefixCacheError
-from pipeline.tables import TableError, read_images, read_pairs
-from pipeline.weights import WeightsError
-from stages.extract import backbone_spec
-from stages.params import DEFAULT_PARAMS, load_params, section
+from semcorr.pipeline.backbones import build_backbone
+from semcorr.pipeline.extract import resolve_device
+from semcorr.pipeline.finetune import FinetuneError, default_conf, finetune, save_tuned
+from semcorr.pipeline.prefix_cache import PrefixCacheError
+from semcorr.pipeline.tables import TableError, read_images, read_pairs
+from semcorr.pipeline.weights import WeightsError
+from semcorr.stages.extract import backbone_spec
+from semcorr.stages.params import DEFAULT_PARAMS, load_params, section
 
 console = Console(stderr=True)
 

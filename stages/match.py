@@ -15,12 +15,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pipeline.export import write_matches_h5
-from pipeline.io import atomic_path, write_json
-from pipeline.matching import METHODS, check_conf, match_pairs
-from pipeline.store import StoreError, open_store
-from pipeline.tables import TableError, read_pairs
-from stages.params import DEFAULT_PARAMS, load_params, section
+from semcorr.pipeline.export import write_matches_h5
+from semcorr.pipeline.io import atomic_path, write_json
+from semcorr.pipeline.matching import METHODS, check_conf, match_pairs
+from semcorr.pipeline.store import StoreError, open_store
+from semcorr.pipeline.tables import TableError, read_pairs
+from semcorr.stages.params import DEFAULT_PARAMS, load_params, section
 
 console = Console(stderr=True)
 # Store attrs copied into the setting every report states.

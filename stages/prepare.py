@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pipeline.datasets import DatasetError, prepare
-from pipeline.tables import TableError
-from stages.params import DEFAULT_PARAMS, load_params
+from semcorr.pipeline.datasets import DatasetError, prepare
+from semcorr.pipeline.tables import TableError
+from semcorr.stages.params import DEFAULT_PARAMS, load_params
 
 console = Console(stderr=True)
 

@@ -20,11 +20,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.io import atomic_path, write_json
-from pipeline.report import base_variant, summary_markdown, summary_metrics, summary_table
-from pipeline.tables import TableError, keypoints, read_images, read_pairs
-from stages.match import predictions_dir
-from stages.params import DEFAULT_PARAMS, load_params, section
+from semcorr.pipeline.io import atomic_path, write_json
+from semcorr.pipeline.report import base_variant, summary_markdown, summary_metrics, summary_table
+from semcorr.pipeline.tables import TableError, keypoints, read_images, read_pairs
+from semcorr.stages.match import predictions_dir
+from semcorr.stages.params import DEFAULT_PARAMS, load_params, section
 
 console = Console(stderr=True)
 PICTURE_ALPHA = 0.1  # correct (green) within 0.1 * pck_norm
@@ -99,7 +99,7 @@ class _Evaluation:
 
 def draw_pictures(table: pd.DataFrame, data_root: Path, out_root: Path, per_category: int, max_pairs: int) -> None:
     """Pair pictures (baseline and tuned side by side when both were evaluated) and category grids."""
-    from pipeline import visualize
+    from semcorr.pipeline import visualize
 
     evaluated = {(r.variant, r.dataset, r.method) for r in table.itertuples(index=False)}
     for variant, dataset, method in sorted(evaluated):
@@ -148,7 +148,7 @@ def _safe(name: str) -> str:
 def visualize(pair_id: str, variant: str, dataset: str, method: str, data_root: Path = Path("data"),
               out_root: Path = Path("results/pictures")) -> Path:
     """Draw one evaluated pair (with the baseline beside a tuned variant when evaluated); returns the PNG."""
-    from pipeline import visualize as vis
+    from semcorr.pipeline import visualize as vis
 
     data_root = Path(data_root)
     runs = []

@@ -10,8 +10,8 @@ import pytest
 import torch
 from skimage.feature import daisy
 
-from pipeline.backbones import BackboneSpec, build_backbone
-from pipeline.weights import WeightsError, read_state_dict, sha256_file
+from semcorr.pipeline.backbones import BackboneSpec, build_backbone
+from semcorr.pipeline.weights import WeightsError, read_state_dict, sha256_file
 from tiny import TINY_SPECS, write_official_checkpoint
 
 TRANSFORMERS = ["dinov2", "dinov2_reg4", "dinov3", "sam", "clip"]

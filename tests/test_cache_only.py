@@ -18,7 +18,7 @@ GUARD = textwrap.dedent(
     """
     import os, sys
     BLOCKED = ("PIL", "imageio", "skimage", "cv2", "matplotlib", "torchvision", "timm", "open_clip",
-               "segment_anything", "pipeline.backbones", "pipeline.extract")
+               "segment_anything", "semcorr.pipeline.backbones", "semcorr.pipeline.extract")
     IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
     violations = []
 
@@ -56,7 +56,7 @@ GUARD = textwrap.dedent(
 STAGES = textwrap.dedent(
     """
     from pathlib import Path
-    from stages import evaluate, match, report
+    from semcorr.stages import evaluate, match, report
     data = Path(data)
     conf = {"window": 3, "temperature": 0.1, "zero_outside": False, "upsample": 2, "mutual": True}
     for method in ("argmax", "softargmax"):
@@ -89,7 +89,7 @@ def test_match_evaluate_report_load_no_image_and_no_backbone(project):
 @pytest.mark.parametrize(
     "sabotage",
     [
-        "import pipeline.backbones",
+        "import semcorr.pipeline.backbones",
         "from PIL import Image",
         "open(next(Path(data).parent.glob('images/*.png')), 'rb')",
         "import numpy; numpy.load(str(next(Path(data).parent.glob('images/*.png'))), allow_pickle=False)",

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.cli import STAGES
+from semcorr.stages.cli import STAGES
 
 SEMCORR = Path(sys.executable).with_name("semcorr")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.coords import (
+from semcorr.pipeline.coords import (
     CellTransform,
     flat_index_to_cells,
     flip_points,

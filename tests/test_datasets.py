@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.coords import from_matlab
-from pipeline.datasets import DatasetError, pfpascal, prepare
-from pipeline.tables import keypoints, read_images, read_pairs
-from stages import download as download_stage
-from stages import prepare as prepare_stage
+from semcorr.pipeline.coords import from_matlab
+from semcorr.pipeline.datasets import DatasetError, pfpascal, prepare
+from semcorr.pipeline.tables import keypoints, read_images, read_pairs
+from semcorr.stages import download as download_stage
+from semcorr.stages import prepare as prepare_stage
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_willow = pytest.mark.skipif(not (SHARED / "pf-willow").is_dir(), reason="shared PF-WILLOW copy absent")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import download as dl
-from pipeline.download import ArchiveError, DownloadError, Resource
+from semcorr.pipeline import download as dl
+from semcorr.pipeline.download import ArchiveError, DownloadError, Resource
 
 
 class Server:

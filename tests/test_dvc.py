@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import workspace
+from semcorr.stages import workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

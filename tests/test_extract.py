@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.backbones import build_backbone
-from pipeline.extract import ExtractError, default_conf
-from pipeline.store import StoreError, open_store
-from pipeline.tables import read_images
-from stages import extract as extract_stage
-from stages import prepare
+from semcorr.pipeline.backbones import build_backbone
+from semcorr.pipeline.extract import ExtractError, default_conf
+from semcorr.pipeline.store import StoreError, open_store
+from semcorr.pipeline.tables import read_images
+from semcorr.stages import extract as extract_stage
+from semcorr.stages import prepare
 from tiny import TINY_SPECS, write_official_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_bad_image_names_the_file(willow_root, tmp_path):
 
 # -- real processes: kill -9 / resume and parallel parts --------------------------------------
 def stage_process(root: Path, *args: str) -> subprocess.Popen:
-    script = "import typer; from stages.extract import command; typer.run(command)"
+    script = "import typer; from semcorr.stages.extract import command; typer.run(command)"
     cmd = [sys.executable, "-c", script, "--dataset", "pfwillow", "--backbone", "slow", "--params", "params.yaml", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(cmd, cwd=root.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.backbones import BackboneSpec, build_backbone
-from pipeline.datasets import synthetic
-from pipeline.finetune import (
+from semcorr.pipeline.backbones import BackboneSpec, build_backbone
+from semcorr.pipeline.datasets import synthetic
+from semcorr.pipeline.finetune import (
     FinetuneError,
     PrefixSource,
     epoch_batches,
@@ -22,8 +22,8 @@ from pipeline.finetune import (
     train_step,
     trainable_parameters,
 )
-from pipeline.prefix_cache import PrefixCache, PrefixCacheError, build_prefix_cache
-from pipeline.tables import write_tables
+from semcorr.pipeline.prefix_cache import PrefixCache, PrefixCacheError, build_prefix_cache
+from semcorr.pipeline.tables import write_tables
 from tiny import TINY_SPECS
 
 FAMILIES = ["dinov2", "dinov3", "sam", "clip"]
@@ -248,9 +248,9 @@ def _workspace(prepared: Path, root: Path, family: str) -> dict:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_finetune_extract_match_evaluate_chain(prepared, tmp_path, family):
     """The stages end to end: finetune -> re-extract with the tuned weights -> match -> evaluate."""
-    from pipeline.store import open_store
-    from stages import evaluate, extract, match
-    from stages import finetune as finetune_stage
+    from semcorr.pipeline.store import open_store
+    from semcorr.stages import evaluate, extract, match
+    from semcorr.stages import finetune as finetune_stage
 
     params = _workspace(prepared, tmp_path, family)
     out = finetune_stage.main("tiny", 1, params, data_root=tmp_path)
@@ -285,7 +285,7 @@ def test_finetune_extract_match_evaluate_chain(prepared, tmp_path, family):
 
 
 def test_stage_refuses_unknown_settings_and_missing_weights(prepared, tmp_path):
-    from stages import finetune as finetune_stage
+    from semcorr.stages import finetune as finetune_stage
 
     params = _workspace(prepared, tmp_path, "dinov2")
     with pytest.raises(FinetuneError, match="unknown keys"):

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.coords import CellTransform
-from pipeline.losses import batch_loss, gaussian_cross_entropy, gaussian_target, keypoint_targets
-from pipeline.matching import match_keypoints
+from semcorr.pipeline.coords import CellTransform
+from semcorr.pipeline.losses import batch_loss, gaussian_cross_entropy, gaussian_target, keypoint_targets
+from semcorr.pipeline.matching import match_keypoints
 
 
 def transform(image_hw, input_size, patch, resize):

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.backbones.base import Backbone, BackboneSpec
-from pipeline.coords import CellTransform
-from pipeline.export import names_to_pair, write_matches_h5
-from pipeline.matching import check_conf, locate, match_keypoints, match_pairs, mutual_nearest
-from pipeline.store import open_store, write_store
-from pipeline.tables import flatten
+from semcorr.pipeline.backbones.base import Backbone, BackboneSpec
+from semcorr.pipeline.coords import CellTransform
+from semcorr.pipeline.export import names_to_pair, write_matches_h5
+from semcorr.pipeline.matching import check_conf, locate, match_keypoints, match_pairs, mutual_nearest
+from semcorr.pipeline.store import open_store, write_store
+from semcorr.pipeline.tables import flatten
 
 C = 16
 
@@ -261,7 +261,7 @@ def test_eval_throughput_benchmark_smoke(tmp_path):
 @pytest.mark.parametrize("conf", [{"method": "argmax"}, {"method": "softargmax"}, {"method": "argmax", "upsample": 2}])
 def test_store_passes_equal_per_pair_reference(tmp_path, conf):
     """Bulk passes (gathered source descriptors, shared target products) = per-pair tensor matching."""
-    from pipeline.coords import sample_cells
+    from semcorr.pipeline.coords import sample_cells
 
     rng = np.random.default_rng(5)
     sizes = [(45, 70), (62, 41), (56, 56), (30, 50), (50, 30)]

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.pck import evaluate_predictions, pck_batched, pck_flat
-from pipeline.tables import flatten
+from semcorr.pipeline.pck import evaluate_predictions, pck_batched, pck_flat
+from semcorr.pipeline.tables import flatten
 
 
 def worked_example():

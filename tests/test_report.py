@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.coords import CellTransform, sample_cells
-from pipeline.matching import match_keypoints
-from pipeline.pck import pck_batched
-from pipeline.report import phase
-from pipeline.store import open_store, write_store
-from pipeline.tables import flatten, keypoints, read_pairs, write_tables
-from stages import evaluate, match, report
+from semcorr.pipeline.coords import CellTransform, sample_cells
+from semcorr.pipeline.matching import match_keypoints
+from semcorr.pipeline.pck import pck_batched
+from semcorr.pipeline.report import phase
+from semcorr.pipeline.store import open_store, write_store
+from semcorr.pipeline.tables import flatten, keypoints, read_pairs, write_tables
+from semcorr.stages import evaluate, match, report
 
 C, PATCH, INPUT = 8, 8, 48
 SIZES = [(40, 48), (48, 36), (30, 48), (48, 48), (44, 40), (36, 48)]  # (h, w)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.coords import CellTransform, flip_points
-from pipeline.store import (StoreError, StoreMismatch, create_store, open_store, store_path, write_store)
+from semcorr.pipeline.coords import CellTransform, flip_points
+from semcorr.pipeline.store import (StoreError, StoreMismatch, create_store, open_store, store_path, write_store)
 
 PATCH, SIZE, C = 14, 112, 6  # grid at most 8 x 8
 
@@ -146,8 +146,8 @@ def test_bad_features_refused(tmp_path):
 @pytest.mark.parametrize("hw", [(7, 5), (1, 4), (3, 1), (2, 2)])
 def test_sample_map_equals_grid_sample(hw):
     """The 4-neighbour gather on the float16 map is `coords.sample_cells` on the float32 map."""
-    from pipeline.coords import sample_cells
-    from pipeline.coords import sample_map
+    from semcorr.pipeline.coords import sample_cells
+    from semcorr.pipeline.coords import sample_map
 
     rng = np.random.default_rng(3)
     h, w = hw
@@ -166,7 +166,7 @@ def test_sample_map_equals_grid_sample(hw):
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_iter_maps_reads_what_features_reads(tmp_path, monkeypatch, legacy):
-    import pipeline.store as store_module
+    import semcorr.pipeline.store as store_module
     from zarr.codecs import BloscCodec
 
     if legacy:  # another layout (channel-major zstd chunks) goes through zarr and reads the same

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import synthetic
-from pipeline.tables import keypoints, read_images, read_pairs
-from stages import download as download_stage
-from stages import prepare as prepare_stage
+from semcorr.pipeline.datasets import synthetic
+from semcorr.pipeline.tables import keypoints, read_images, read_pairs
+from semcorr.stages import download as download_stage
+from semcorr.stages import prepare as prepare_stage
 
 CONF = {"seed": 0, "categories": 4, "images_per_category": 6, "image_size": 160, "keypoints": 12}
 

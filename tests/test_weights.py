@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from pipeline.weights import WeightsError, is_torchscript, load_verified, read_state_dict, sha256_file, verify
+from semcorr.pipeline.weights import WeightsError, is_torchscript, load_verified, read_state_dict, sha256_file, verify
 from tiny import write_official_checkpoint
 
 

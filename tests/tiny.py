@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.weights import sha256_file
+from semcorr.pipeline.weights import sha256_file
 
 _VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 _LAYER_SCALE = {"init_values": 1.0}  # DINO's 1e-5 would leave random blocks ~identity

@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
-from pipeline.backbones.base import Backbone, BackboneSpec, default_spec
+from semcorr.pipeline.backbones.base import Backbone, BackboneSpec, default_spec
 
 FAMILIES = {
-    "dinov2": "pipeline.backbones.dinov2",
-    "dinov3": "pipeline.backbones.dinov3",
-    "sam": "pipeline.backbones.sam",
-    "clip": "pipeline.backbones.clip",
-    "daisy": "pipeline.backbones.daisy",
+    "dinov2": "semcorr.pipeline.backbones.dinov2",
+    "dinov3": "semcorr.pipeline.backbones.dinov3",
+    "sam": "semcorr.pipeline.backbones.sam",
+    "clip": "semcorr.pipeline.backbones.clip",
+    "daisy": "semcorr.pipeline.backbones.daisy",
 }
 
 

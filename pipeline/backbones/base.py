@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.coords import CellTransform
+from semcorr.pipeline.coords import CellTransform
 
 RESIZE_POLICIES = ("pad", "squash")
 

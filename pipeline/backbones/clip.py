@@ -14,8 +14,8 @@ from open_clip.model import _build_vision_tower
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from pipeline.backbones.base import BackboneSpec
-from pipeline.backbones.vit import StateDict, TransformerBackbone, finish, load_weights, random_init
+from semcorr.pipeline.backbones.base import BackboneSpec
+from semcorr.pipeline.backbones.vit import StateDict, TransformerBackbone, finish, load_weights, random_init
 
 PREFIX = "visual."
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from skimage.feature import daisy
 
-from pipeline.backbones.base import Backbone, BackboneSpec
-from pipeline.backbones.vit import finish
+from semcorr.pipeline.backbones.base import Backbone, BackboneSpec
+from semcorr.pipeline.backbones.vit import finish
 
 default_conf = {
     "patch": 7,  # cell side p in input pixels (odd: cell centres must be pixels)

@@ -11,8 +11,8 @@ import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from pipeline.backbones.base import BackboneSpec
-from pipeline.backbones.vit import StateDict, TransformerBackbone, finish, load_weights, random_init
+from semcorr.pipeline.backbones.base import BackboneSpec
+from semcorr.pipeline.backbones.vit import StateDict, TransformerBackbone, finish, load_weights, random_init
 
 SIZES = {"vits14": "small", "vitb14": "base", "vitl14": "large", "vitg14": "giant"}
 PRETRAIN_SIZE = 518  # Meta's pos_embed grid: 37 x 37 patches of 14 px

@@ -10,9 +10,9 @@ import torch
 from timm.models.eva import checkpoint_filter_fn
 from torch import nn
 
-from pipeline.backbones.base import BackboneSpec
-from pipeline.backbones.dinov2 import TimmViTBackbone
-from pipeline.backbones.vit import StateDict, finish, load_weights, random_init
+from semcorr.pipeline.backbones.base import BackboneSpec
+from semcorr.pipeline.backbones.dinov2 import TimmViTBackbone
+from semcorr.pipeline.backbones.vit import StateDict, finish, load_weights, random_init
 
 # The *_qkvb models keep the q/v biases of Meta's checkpoints (k bias is masked to 0).
 TIMM_NAMES = {

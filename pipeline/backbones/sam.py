@@ -14,8 +14,8 @@ from segment_anything.modeling import ImageEncoderViT
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch import nn
 
-from pipeline.backbones.base import BackboneSpec
-from pipeline.backbones.vit import StateDict, TransformerBackbone, finish, load_weights, random_init
+from semcorr.pipeline.backbones.base import BackboneSpec
+from semcorr.pipeline.backbones.vit import StateDict, TransformerBackbone, finish, load_weights, random_init
 
 # Encoder sizes of segment_anything/build_sam.py.
 SIZES = {

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.backbones.base import Backbone, BackboneSpec
-from pipeline.weights import WeightsError, load_verified
+from semcorr.pipeline.backbones.base import Backbone, BackboneSpec
+from semcorr.pipeline.weights import WeightsError, load_verified
 
 StateDict = dict[str, torch.Tensor]
 

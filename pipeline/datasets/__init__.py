@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.datasets import pfpascal, pfwillow, spair, synthetic
-from pipeline.datasets.common import DatasetError
-from pipeline.tables import write_tables
+from semcorr.pipeline.datasets import pfpascal, pfwillow, spair, synthetic
+from semcorr.pipeline.datasets.common import DatasetError
+from semcorr.pipeline.tables import write_tables
 
 PARSERS = {"spair": spair.parse, "pfpascal": pfpascal.parse, "pfwillow": pfwillow.parse,
            "synthetic": synthetic.parse}

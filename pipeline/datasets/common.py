@@ -10,7 +10,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import track as _track
 
-from pipeline.tables import IMAGE_COLUMNS, KEYPOINT_TOLERANCE, PAIR_COLUMNS, SPAIR_COLUMNS, flatten
+from semcorr.pipeline.tables import IMAGE_COLUMNS, KEYPOINT_TOLERANCE, PAIR_COLUMNS, SPAIR_COLUMNS, flatten
 
 SPLITS = ("trn", "val", "test")
 

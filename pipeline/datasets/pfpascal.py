@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.coords import from_matlab
-from pipeline.datasets.common import (SPLITS, DatasetError, check_pair_images, images_table, pair_row,
+from semcorr.pipeline.coords import from_matlab
+from semcorr.pipeline.datasets.common import (SPLITS, DatasetError, check_pair_images, images_table, pair_row,
                                       pairs_table)
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -14,8 +14,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from pipeline.coords import from_matlab
-from pipeline.datasets.common import (DatasetError, check_pair_images, images_table, kpts_norm, pair_row,
+from semcorr.pipeline.coords import from_matlab
+from semcorr.pipeline.datasets.common import (DatasetError, check_pair_images, images_table, kpts_norm, pair_row,
                                       pairs_table)
 
 PAIR_LIST = "test_pairs.csv"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.datasets.common import (SPLITS, DatasetError, bbox_norm, check_pair_images, images_table,
+from semcorr.pipeline.datasets.common import (SPLITS, DatasetError, bbox_norm, check_pair_images, images_table,
                                       pair_row, pairs_table, track)
 
 FIELDS = ("src_imname", "trg_imname", "category", "src_kps", "trg_kps", "trg_bndbox",

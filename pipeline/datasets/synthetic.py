@@ -27,8 +27,8 @@ from skimage.color import gray2rgb, rgb2gray
 from skimage.feature import corner_harris, corner_peaks
 from skimage.transform import ProjectiveTransform, resize, warp
 
-from pipeline.datasets.common import DatasetError, check_pair_images, images_table, pair_row, pairs_table
-from pipeline.io import atomic_path
+from semcorr.pipeline.datasets.common import DatasetError, check_pair_images, images_table, pair_row, pairs_table
+from semcorr.pipeline.io import atomic_path
 
 default_conf = {
     "seed": 0,  # one seed fixes every image and keypoint
