@@ -14,11 +14,12 @@ DEMO_DIR := build/demo
 WILLOW := $(abspath ../shared/data/pf-willow)
 WITH_WILLOW := --set 'datasets=[synthetic, pfwillow]' --set download.pfwillow.source=$(WILLOW)
 DEMO_SETS := $(if $(wildcard $(WILLOW)/test_pairs.csv),$(WITH_WILLOW))
+PLOTS_TEMPLATE := .dvc/offline_plots.html
 export PATH := $(BIN):$(PATH)
 
 .PHONY: install test demo bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(PLOTS_TEMPLATE)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +28,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# `dvc plots show` without a network (.dvc/config: plots.html_template)
+$(PLOTS_TEMPLATE): $(STAMP)
+	$(BIN)/python -c "from semcorr.pipeline.plots import write_offline_template as w; w('$@')"
+
 test: install
 	$(BIN)/pytest -q
 
@@ -34,10 +39,11 @@ demo: install
 	$(BIN)/semcorr workspace $(DEMO_DIR) --params configs/demo.yaml $(DEMO_SETS)
 	cd $(DEMO_DIR) && dvc repro
 	@# commit the results: the baseline that `dvc exp show` / `dvc metrics diff` compare against
-	cd $(DEMO_DIR) && git add -A && (git diff --cached --quiet || git commit -qm "demo results")
+	cd $(DEMO_DIR) && git add dvc.lock && git add -A data results && (git diff --cached --quiet || git commit -qm "demo results")
 	@cat $(DEMO_DIR)/results/summary.md
 
 bench: install
+	$(BIN)/python benchmarks/cli_startup.py
 	$(BIN)/python benchmarks/extract_throughput.py
 	$(BIN)/python benchmarks/finetune_step.py
 	$(BIN)/python benchmarks/eval_throughput.py

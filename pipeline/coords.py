@@ -113,6 +113,13 @@ class CellTransform:
         return np.asarray(scale), np.asarray(offset)
 
 
+def cells_to_pixels_rows(g: np.ndarray, transforms: np.ndarray) -> np.ndarray:
+    """`CellTransform.cells_to_pixels` row by row: ``g: [K, 2]`` cell coords, each with its
+    own transform (``transforms: [K, 8]``, `CellTransform.to_array` rows) -> ``[K, 2]`` pixels."""
+    scale, offset = transforms[:, 0:2], transforms[:, 2:4]
+    return (np.asarray(g, dtype=np.float64) - offset) / scale
+
+
 def from_matlab(xy: np.ndarray) -> np.ndarray:
     """MATLAB 1-based pixel coordinates -> semcorr 0-based pixel centres."""
     return np.asarray(xy, dtype=np.float64) - 1.0

@@ -1,4 +1,5 @@
-"""Checksummed, resumable downloads of datasets and backbone weights, and safe archive extraction.
+"""Checksummed, resumable downloads of datasets and backbone weights, imports from local
+sources, and safe archive extraction.
 
 All official sources live in `DATASETS` and `WEIGHTS` (name -> url, filename, sha256).
 A ``sha256`` of ``None`` means no published hash was found: that one file is fetched
@@ -7,17 +8,40 @@ unverified, with a warning, and its computed hash is recorded in the output mani
 Every resource can instead come from a local ``source`` (a mirror): a directory or an
 archive. Without network and without a source, fetching fails at once, naming the
 param to set.
+
+Copies, never links. A file taken from a local source is copied into ``data/``: as a reflink
+(a copy-on-write clone through ``ioctl(FICLONE)``, no data duplicated) where the file system
+supports it (Btrfs, XFS, bcachefs, ...), else as a plain byte copy. Never a hard link or a
+symlink, so an edit under ``data/`` never edits the source.
+
+Archives. Dataset archives may hold only regular files and folders: a symlink, hard link or
+special member, an absolute name or a ``..`` component is refused before anything is
+written. After extraction every path must be a plain file or folder inside the target;
+on any failure what was extracted is removed.
+
+Bookkeeping. ``data/raw/<name>/manifest.json`` records the ``source``, its ``source_state``
+(the relative path, size and mtime_ns of every source file, taken before the import; null
+for the official download), the ``inputs`` (every downloaded, unpacked or registered file:
+sha256, ``verified`` by a published hash, ``from`` where) and the ``files`` (every file of
+the folder: relative path -> size and sha256). ``data/weights/<key>/weights.json`` records
+the checkpoint ``file``, its ``sha256`` and ``size``, ``source``, ``source_state``, the user's
+``pin``, and ``verified`` / ``verified_by``: ``registry`` (the registry's hash), ``pin`` (the
+user's ``sha256``) or ``none``. A re-run does nothing only when the source state (and, for a
+dataset, the folder's file paths and sizes; for weights, the pin and the file size) is as
+recorded; otherwise it imports again. ``force=True`` always imports again. Outputs appear
+only when complete (`pipeline.io.atomic_path`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
 import os
-import posixpath
+import re
 import shutil
 import stat
 import tarfile
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,12 +52,17 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from semcorr.pipeline.io import atomic_path, write_json
+from semcorr.pipeline.weights import WeightsError, check_torchscript, is_torchscript, sha256_file
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages name long paths: never wrap them
 
 CONNECT_TIMEOUT = 5.0  # seconds: how long an unreachable host may stall before we call it offline
 READ_TIMEOUT = 60.0
 CHUNK = 1 << 16  # streamed bytes per write: an interrupted download loses at most this much
+COPY_CHUNK = 1 << 20
+FICLONE = 0x40049409  # <linux/fs.h>: _IOW(0x94, 9, int), clone a whole file (reflink)
+MANIFEST = "manifest.json"
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class DownloadError(RuntimeError):
@@ -41,7 +70,8 @@ class DownloadError(RuntimeError):
 
 
 class ArchiveError(DownloadError):
-    """An archive holds a member that would land outside the target folder."""
+    """An archive holds a member that is not a plain file or folder inside the target, or
+    cannot be unpacked."""
 
 
 @dataclass(frozen=True)
@@ -139,14 +169,6 @@ WEIGHTS: dict[str, Resource] = {
 # -- hashing and fetching -----------------------------------------------------------------
 
 
-def sha256sum(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ResumingDownloader:
     """pooch downloader that keeps a ``.part`` file next to the target and resumes it with an
     HTTP Range request; the server's 206 answer is appended, a 200 restarts from zero."""
@@ -218,16 +240,12 @@ def fetch(resource: Resource, folder: Path, param: str, connect_timeout: float =
     return Path(path)
 
 
-def verify(path: Path, resource: Resource) -> str:
-    """sha256 of ``path``; raises `DownloadError` naming the file if a known hash disagrees."""
-    digest = sha256sum(path)
-    if resource.sha256 is not None and digest != resource.sha256:
-        raise DownloadError(f"{path}: checksum mismatch: sha256 {digest}, expected {resource.sha256}")
-    if resource.sha256 is None and resource.url is None and "-" in resource.filename:
-        prefix = resource.filename.rsplit("-", 1)[1].split(".")[0]
-        if not digest.startswith(prefix):
-            console.print(f"[yellow]warning:[/] {path}: sha256 {digest} does not start with {prefix}, "
-                          f"the hash prefix in the official name {resource.filename}")
+def verify(path: Path, expected: str | None, name: str | Path | None = None) -> str:
+    """sha256 of ``path``; raises `DownloadError` naming ``name`` (default: the path), the
+    expected and the actual hash if ``expected`` is given and disagrees."""
+    digest = sha256_file(path)
+    if expected is not None and digest != expected:
+        raise DownloadError(f"{name or path}: checksum mismatch: sha256 {digest}, expected {expected}")
     return digest
 
 
@@ -239,86 +257,176 @@ def is_archive(path: Path) -> bool:
 
 
 def extract(archive: Path, dest: Path) -> Path:
-    """Unpack a zip or tar archive into ``dest``, refusing members that would land outside it:
-    absolute paths, ``..`` components, and links pointing out of ``dest``."""
+    """Unpack the zip or tar ``archive`` into ``dest`` (absent or an empty folder).
+
+    Every member must be a regular file or a folder with a relative name free of ``..``;
+    all are checked before anything is written, and the result is checked by
+    `check_extracted`. On any failure ``dest`` is removed and `ArchiveError` names the archive.
+    """
     archive, dest = Path(archive), Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ArchiveError(f"{archive}: cannot unpack into {dest}, which is not an empty folder")
     dest.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                _check_member(archive, dest, info.filename)
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    target = zf.read(info).decode()
-                    _check_member(archive, dest, str(PurePosixPath(info.filename).parent / target), link=info.filename)
-            zf.extractall(dest)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf:
-            for member in tf.getmembers():
-                _check_member(archive, dest, member.name)
-                if member.issym():
-                    _check_member(archive, dest, str(PurePosixPath(member.name).parent / member.linkname),
-                                  link=member.name)
-                elif member.islnk():
-                    _check_member(archive, dest, member.linkname, link=member.name)
-            try:
-                tf.extractall(dest, filter="data")
-            except tarfile.FilterError as exc:
-                raise ArchiveError(f"{archive}: unsafe member refused: {exc}") from exc
-    else:
-        raise ArchiveError(f"{archive}: not a zip or tar archive")
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, dest)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, dest)
+        else:
+            raise ArchiveError(f"{archive}: not a zip or tar archive")
+        check_extracted(archive, dest)
+    except BaseException as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        if isinstance(exc, ArchiveError) or not isinstance(exc, Exception):
+            raise
+        raise ArchiveError(f"{archive}: cannot be unpacked ({type(exc).__name__}: {exc}); "
+                           "nothing of it was kept") from exc
     return dest
 
 
-def _check_member(archive: Path, dest: Path, name: str, link: str | None = None) -> None:
-    what = f"link {link!r} -> {name!r}" if link else f"member {name!r}"
-    name = name.replace("\\", "/")
-    # a link target is judged where it points (a/../b is b); a member name must not contain '..'
-    pure = PurePosixPath(posixpath.normpath(name) if link else name)
-    if pure.is_absolute() or (len(name) > 1 and name[1] == ":"):
-        raise ArchiveError(f"{archive}: {what} has an absolute path; refusing to extract")
-    root = dest.resolve()
-    if ".." in pure.parts or not (root / pure).resolve().is_relative_to(root):
-        raise ArchiveError(f"{archive}: {what} escapes the target folder ('..'); refusing to extract")
+def _extract_zip(archive: Path, dest: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            _check_name(archive, info.filename)
+            kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix mode recorded
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                _refuse(archive, info.filename, "symbolic link" if kind == stat.S_IFLNK else "special file")
+        zf.extractall(dest)
+
+
+def _extract_tar(archive: Path, dest: Path) -> None:
+    with tarfile.open(archive) as tf:
+        members = tf.getmembers()
+        for member in members:
+            _check_name(archive, member.name)
+            if not (member.isreg() or member.isdir()):
+                _refuse(archive, member.name, "symbolic link" if member.issym() else
+                        "hard link" if member.islnk() else "special file")
+        tf.extractall(dest, members=members, filter="data")
+
+
+def _check_name(archive: Path, name: str) -> None:
+    clean = name.replace("\\", "/")
+    pure = PurePosixPath(clean)
+    if pure.is_absolute() or (len(clean) > 1 and clean[1] == ":"):
+        raise ArchiveError(f"{archive}: member {name!r} has an absolute path; refusing to extract")
+    if ".." in pure.parts:
+        raise ArchiveError(f"{archive}: member {name!r} escapes the target folder ('..'); refusing to extract")
+
+
+def _refuse(archive: Path, name: str, kind: str) -> None:
+    raise ArchiveError(f"{archive}: member {name!r} is a {kind}; dataset archives hold only files and "
+                       "folders, so links and special files are refused (nothing was extracted)")
+
+
+def check_extracted(archive: Path, root: Path) -> None:
+    """Raise `ArchiveError` naming ``archive`` unless every path under ``root`` is a regular
+    file or a folder (no link) that resolves inside ``root``."""
+    base = Path(root).resolve()
+    for folder, dirs, files in os.walk(root):  # links are listed, never followed
+        for name in dirs + files:
+            path = Path(folder, name)
+            mode = path.lstat().st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or not path.resolve().is_relative_to(base):
+                raise ArchiveError(f"{archive}: unpacked {path.relative_to(root)} is a link or special file, "
+                                   "or lies outside the target folder")
+
+
+def _merge(src: Path, dest: Path, origin: Path) -> None:
+    """Move the contents of folder ``src`` into folder ``dest`` (folders merge, files replace
+    files), then remove ``src``; ``origin`` (the archive) is named on a file/folder clash."""
+    for child in sorted(src.iterdir()):
+        target = dest / child.name
+        if child.is_dir() and target.is_dir():
+            _merge(child, target, origin)
+        elif target.exists() and (child.is_dir() or target.is_dir()):
+            raise ArchiveError(f"{origin}: {child.name} clashes with a file or folder of the same name "
+                               f"from another part of the source ({target})")
+        else:
+            os.replace(child, target)
+    src.rmdir()
 
 
 # -- local sources --------------------------------------------------------------------------
 
 
+def clone_file(src: Path, dest: Path) -> None:
+    """Copy file ``src`` to ``dest``: a reflink where the file system supports one, else a
+    byte copy; never a link (see the module docstring)."""
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        except OSError:  # no reflinks here (ext4, tmpfs, another file system, ...)
+            shutil.copyfileobj(fin, fout, COPY_CHUNK)
+
+
 def copy_tree(src: Path, dest: Path) -> None:
-    """Copy a folder, hard-linking files where the file system allows (no data duplicated)."""
-    shutil.copytree(src, dest, copy_function=_link_or_copy, dirs_exist_ok=True)
+    """`clone_file` every file under folder ``src`` to the same relative path under ``dest``."""
+    for rel, path in _walk_files(src):
+        clone_file(path, dest / rel)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def _walk_files(root: Path) -> list[tuple[str, Path]]:
+    """(posix path relative to ``root``, path) of every file under folder ``root``, sorted;
+    links to files and folders are followed (a mirror may use them)."""
+    def fail(err: OSError) -> None:
+        raise err
+
+    found = []
+    for folder, _, files in os.walk(root, onerror=fail, followlinks=True):
+        found += [(Path(folder, name).relative_to(root).as_posix(), Path(folder, name)) for name in files]
+    return sorted(found)
+
+
+def source_state(source: Path, param: str) -> dict[str, dict[str, int]]:
+    """Relative path -> {size, mtime_ns} of every file of ``source`` (a folder, or one file
+    keyed by its name). Raises `DownloadError` naming ``param`` if it is missing, unreadable
+    or holds something other than regular files."""
+    source = Path(source)
+    if not source.exists():
+        raise DownloadError(f"`{param}` = {source}: no such file or directory")
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+        entries = _walk_files(source) if source.is_dir() else [(source.name, source)]
+        state = {rel: os.stat(path) for rel, path in entries}
+    except OSError as exc:
+        raise DownloadError(f"`{param}` = {source}: cannot be read ({exc})") from exc
+    for rel, st in state.items():
+        if not stat.S_ISREG(st.st_mode):
+            raise DownloadError(f"`{param}` = {source}: {rel} is not a regular file")
+    return {rel: {"size": st.st_size, "mtime_ns": st.st_mtime_ns} for rel, st in state.items()}
 
 
-def place(path: Path, dest: Path) -> None:
-    """Put one file at ``dest``: hard link or copy."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _link_or_copy(str(path), str(dest))
+def tree_files(root: Path) -> dict[str, dict]:
+    """Relative path -> {size, sha256} of every file under ``root`` but the manifest."""
+    return {rel: {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            for rel, path in _walk_files(root) if rel != MANIFEST}
 
 
 # -- datasets and weights -------------------------------------------------------------------
 
 
 def download_dataset(name: str, out_dir: Path, source: Path | None = None,
-                     cache_dir: Path = Path("data/downloads"), connect_timeout: float = CONNECT_TIMEOUT) -> Path:
+                     cache_dir: Path = Path("data/downloads"), connect_timeout: float = CONNECT_TIMEOUT,
+                     force: bool = False) -> Path:
     """Fill ``out_dir`` (``data/raw/<name>``) with dataset ``name`` in the layout its parser
     expects, from the official URLs or from ``source`` (a local directory or archive).
 
-    The folder appears only when complete; ``manifest.json`` records each file's sha256.
+    The folder appears only when complete, with ``manifest.json`` (see the module docstring).
+    A finished folder whose source is unchanged is kept, unless ``force``.
     """
+    if name not in DATASETS:
+        raise DownloadError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
     spec = DATASETS[name]
     param = f"download.{name}.source"
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
-    manifest = {"dataset": name, "source": str(source) if source else "official", "files": {}}
-    if _done(out_dir / "manifest.json", source=manifest["source"]):
-        console.print(f"{out_dir}: already complete")
+    origin = str(source) if source is not None else "official"
+    state = None if source is None else source_state(Path(source), param)
+    if not force and _dataset_done(out_dir, origin, state):
+        console.print(f"{out_dir}: already complete ({origin}, unchanged since it was imported); "
+                      "force (`semcorr download --force`) imports it again")
         return out_dir
+    manifest = {"dataset": name, "source": origin, "source_state": state, "inputs": {}}
     fetched: list[Path] = []
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -326,24 +434,32 @@ def download_dataset(name: str, out_dir: Path, source: Path | None = None,
             for resource in spec.resources:
                 path = fetch(resource, cache_dir / name, param, connect_timeout)
                 fetched.append(path)
-                manifest["files"][resource.filename] = _record(path, resource, resource.url)
+                manifest["inputs"][resource.filename] = _record(path, resource, resource.url)
                 _unpack(path, resource, tmp)
         else:
-            _from_source(Path(source), spec, tmp, manifest, param)
+            _from_source(Path(source), spec, tmp, manifest["inputs"])
         _hoist(tmp, spec.markers)
         missing = [m for m in spec.markers if not (tmp / m).exists()]
         if missing:
             raise DownloadError(f"{source or 'the official download'}: dataset {name!r} lacks {missing}; "
                                 f"expected top-level entries {list(spec.markers)} (see {spec.homepage})")
-        write_json(tmp / "manifest.json", manifest)
+        manifest["files"] = tree_files(tmp)
+        write_json(tmp / MANIFEST, manifest)
     for path in fetched:  # the archives are unpacked; the cache only holds unfinished downloads
         path.unlink(missing_ok=True)
     return out_dir
 
 
-def _from_source(source: Path, spec: DatasetSource, tmp: Path, manifest: dict, param: str) -> None:
-    if not source.exists():
-        raise DownloadError(f"`{param}` = {source}: no such file or directory")
+def _dataset_done(out_dir: Path, origin: str, state: dict | None) -> bool:
+    """An earlier run imported this source, unchanged since, and its files are all there."""
+    manifest = _read_record(out_dir / MANIFEST)
+    if manifest is None or manifest.get("source") != origin or manifest.get("source_state") != state:
+        return False
+    sizes = {rel: path.stat().st_size for rel, path in _walk_files(out_dir) if rel != MANIFEST}
+    return sizes == {rel: entry.get("size") for rel, entry in manifest.get("files", {}).items()}
+
+
+def _from_source(source: Path, spec: DatasetSource, tmp: Path, inputs: dict) -> None:
     by_name = {r.filename: r for r in spec.resources}
     entries = sorted(source.iterdir()) if source.is_dir() else [source]
     for entry in entries:
@@ -352,21 +468,24 @@ def _from_source(source: Path, spec: DatasetSource, tmp: Path, manifest: dict, p
             copy_tree(entry, tmp / entry.name)
         elif resource is not None or is_archive(entry):
             resource = resource or Resource(None, entry.name, None, extract=True)
-            manifest["files"][entry.name] = _record(entry, resource, str(entry))
+            inputs[entry.name] = _record(entry, resource, str(entry))
             _unpack(entry, resource, tmp)
         else:
-            place(entry, tmp / entry.name)
+            clone_file(entry, tmp / entry.name)
 
 
 def _record(path: Path, resource: Resource, origin: str | None) -> dict:
-    return {"sha256": verify(path, resource), "verified": resource.sha256 is not None, "from": origin}
+    return {"sha256": verify(path, resource.sha256), "verified": resource.sha256 is not None, "from": origin}
 
 
 def _unpack(path: Path, resource: Resource, tmp: Path) -> None:
+    """Extract an archive resource into ``tmp`` (through a fresh folder, then merged), or copy a file."""
     if resource.extract:
-        extract(path, tmp)
+        staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=tmp))
+        extract(path, staging)
+        _merge(staging, tmp, path)
     else:
-        place(path, tmp / resource.filename)
+        clone_file(path, tmp / resource.filename)
 
 
 def _hoist(root: Path, markers: tuple[str, ...], max_depth: int = 3) -> None:
@@ -388,47 +507,98 @@ def _hoist(root: Path, markers: tuple[str, ...], max_depth: int = 3) -> None:
 
 
 def download_weights(key: str, out_dir: Path, checkpoint: str | None, source: Path | None = None,
-                     random_init: bool = False, cache_dir: Path = Path("data/downloads"),
-                     connect_timeout: float = CONNECT_TIMEOUT) -> Path:
-    """Fill ``out_dir`` (``data/weights/<key>``) with the verified checkpoint of registry entry
-    ``checkpoint`` and ``weights.json`` {file, sha256, source, random_init}.
+                     random_init: bool = False, sha256: str | None = None,
+                     cache_dir: Path = Path("data/downloads"), connect_timeout: float = CONNECT_TIMEOUT,
+                     force: bool = False) -> Path:
+    """Fill ``out_dir`` (``data/weights/<key>``) with the checkpoint of registry entry
+    ``checkpoint`` (from its URL or from ``source``, a file or its folder) and ``weights.json``.
 
-    Weight-free backbones (``checkpoint`` None) and ``random_init`` ones get only weights.json.
+    ``sha256`` pins the file (param ``backbone.<key>.weights.sha256``): it must match, and
+    must equal the registry's hash where there is one. A TorchScript file is refused unless
+    its sha256 is an official file's (`pipeline.weights.check_torchscript`). A finished folder whose source and pin are unchanged is
+    kept, unless ``force``. Weight-free backbones (``checkpoint`` None) and ``random_init``
+    ones get only weights.json.
     """
     out_dir = Path(out_dir)
-    param = f"backbone.{key}.source"
+    param = f"backbone.{key}.weights"
     if checkpoint is None or random_init:
         with atomic_path(out_dir) as tmp:
             tmp.mkdir(parents=True)
             write_json(tmp / "weights.json", {"file": None, "sha256": None, "source": None,
-                                              "random_init": bool(random_init), "verified": False})
+                                              "random_init": bool(random_init), "verified": False,
+                                              "verified_by": "none"})
         return out_dir
     if checkpoint not in WEIGHTS:
-        raise DownloadError(f"backbone.{key}.checkpoint = {checkpoint!r} is not in the weights registry; "
+        raise DownloadError(f"`{param}.checkpoint` = {checkpoint!r} is not in the weights registry; "
                             f"known: {sorted(WEIGHTS)}")
     resource = WEIGHTS[checkpoint]
-    origin = str(source) if source is not None else resource.url
-    if _done(out_dir / "weights.json", source=origin, file=resource.filename) and (out_dir / resource.filename).is_file():
-        console.print(f"{out_dir}: already complete")
-        return out_dir
+    pin = _pin(sha256, resource, param)
+    expected = resource.sha256 or pin
+    verified_by = "registry" if resource.sha256 else "pin" if pin else "none"
     if source is None and resource.url is None:
         raise DownloadError(
             f"{checkpoint} weights are licence-gated and cannot be downloaded automatically: request "
-            f"{resource.filename} at {DINOV3_DOWNLOADS}, then set `{param}` to that file (or its folder)")
-    if source is not None:
-        path = _local_checkpoint(Path(source), resource, param)
-    else:
-        path = fetch(resource, Path(cache_dir) / "weights", param, connect_timeout)
-    digest = verify(path, resource)
+            f"{resource.filename} at {DINOV3_DOWNLOADS}, then set `{param}.source` to that file (or its folder)")
+    local = None if source is None else _local_checkpoint(Path(source), resource, f"{param}.source")
+    origin = str(source) if source is not None else resource.url
+    state = None if local is None else source_state(local, f"{param}.source")
+    if not force and _weights_done(out_dir, resource.filename, origin, pin, state):
+        console.print(f"{out_dir}: already complete ({origin}, unchanged since it was imported); "
+                      "force (`semcorr download --force`) imports it again")
+        return out_dir
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        if source is None:
-            os.replace(path, tmp / resource.filename)  # the download cache keeps no second copy
+        target = tmp / resource.filename
+        if local is None:
+            os.replace(fetch(resource, Path(cache_dir) / "weights", f"{param}.source", connect_timeout), target)
         else:
-            place(path, tmp / resource.filename)
-        write_json(tmp / "weights.json", {"file": resource.filename, "sha256": digest, "source": origin,
-                                          "random_init": False, "verified": resource.sha256 is not None})
+            clone_file(local, target)  # hashed and checked as copied: the source may change meanwhile
+        name = local or resource.url
+        digest = verify(target, expected, name)
+        if is_torchscript(target):
+            try:
+                check_torchscript(name, digest)
+            except WeightsError as exc:
+                raise DownloadError(str(exc)) from exc
+        if verified_by == "none":
+            _check_name_prefix(name, digest, resource)
+        write_json(tmp / "weights.json", {
+            "file": resource.filename, "sha256": digest, "size": target.stat().st_size, "source": origin,
+            "source_state": state, "random_init": False, "pin": pin, "verified": verified_by != "none",
+            "verified_by": verified_by})
     return out_dir
+
+
+def _pin(sha256: str | None, resource: Resource, param: str) -> str | None:
+    """The user's pin, lower-cased; it must be a sha256 and agree with the registry's."""
+    if not sha256:
+        return None
+    pin = sha256.lower()
+    if not SHA256.fullmatch(pin):
+        raise DownloadError(f"`{param}.sha256` = {sha256!r} is not a sha256 (64 hex digits)")
+    if resource.sha256 is not None and pin != resource.sha256:
+        raise DownloadError(f"`{param}.sha256` = {pin} disagrees with the registry's sha256 {resource.sha256} "
+                            f"of {resource.filename}; remove the pin or correct it")
+    return pin
+
+
+def _check_name_prefix(name: str | Path, digest: str, resource: Resource) -> None:
+    """Meta names DINOv3 files after the first hex digits of their sha256: warn on a mismatch."""
+    if resource.url is None and "-" in resource.filename:
+        prefix = resource.filename.rsplit("-", 1)[1].split(".")[0]
+        if not digest.startswith(prefix):
+            console.print(f"[yellow]warning:[/] {name}: sha256 {digest} does not start with {prefix}, "
+                          f"the hash prefix in the official name {resource.filename}")
+
+
+def _weights_done(out_dir: Path, filename: str, origin: str | None, pin: str | None, state: dict | None) -> bool:
+    """An earlier run imported this source with this pin, unchanged since, and its file is there."""
+    record = _read_record(out_dir / "weights.json")
+    if record is None or (record.get("file"), record.get("source"), record.get("pin"),
+                          record.get("source_state")) != (filename, origin, pin, state):
+        return False
+    path = out_dir / filename
+    return path.is_file() and path.stat().st_size == record.get("size")
 
 
 def _local_checkpoint(source: Path, resource: Resource, param: str) -> Path:
@@ -438,9 +608,10 @@ def _local_checkpoint(source: Path, resource: Resource, param: str) -> Path:
     return path
 
 
-def _done(record: Path, **expected) -> bool:
-    """An earlier run finished this output with the same inputs (its record is written last)."""
-    if not record.is_file():
-        return False
-    found = json.loads(record.read_text())
-    return all(found.get(key) == value for key, value in expected.items())
+def _read_record(path: Path) -> dict | None:
+    """The JSON record an earlier run wrote last, or None if there is none (or it is unreadable)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

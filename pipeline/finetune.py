@@ -30,9 +30,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from semcorr.pipeline.backbones import code_digest
 from semcorr.pipeline.backbones.base import Backbone
 from semcorr.pipeline.coords import CellTransform, flip_points
-from semcorr.pipeline.io import atomic_path, write_json
+from semcorr.pipeline.io import atomic_path, staged, write_json
 from semcorr.pipeline.losses import KeypointTargets, batch_loss, keypoint_targets
 from semcorr.pipeline.extract import store_attrs
 from semcorr.pipeline.matching import match_pairs
@@ -63,6 +64,7 @@ default_conf = {
     "prefix_batch_size": 8,  # images per forward_prefix call when building the cache
 }
 
+LOG_EVERY = 50  # steps between progress lines within an epoch
 TRAIN_KEYS = tuple(k for k in default_conf if k not in ("prefix_batch_size",))
 CURVE_COLUMNS = ["epoch", "step", "loss", "val_pck", "lr", "seconds"]
 
@@ -189,14 +191,18 @@ def finetune(
     conf: dict | None = None,
     device: torch.device | str = "cpu",
     on_epoch_end: Callable[[int], None] | None = None,
+    on_row: Callable[[dict], None] | None = None,
+    log: Callable[[str], None] = lambda message: None,
 ) -> FinetuneResult:
     """Train the last ``conf['depth']`` blocks of ``backbone`` in place.
 
     train_pairs, val_pairs: prepared pair tables (their 'trn' and 'val' rows); images:
-    the images table. work_dir (``data/finetune/<variant>``) receives ``prefix.zarr``,
-    ``state/state.pt`` and ``curve.csv``. Returns the best epoch's weights as a full
-    backbone state dict (semcorr layout). ``on_epoch_end(epoch)`` runs after each epoch's
-    state is saved (tests use it to interrupt a run).
+    the images table. work_dir (private: the stage keeps it outside DVC's outputs) receives
+    ``prefix.zarr``, ``state/state.pt`` and ``curve.csv``. Returns the best epoch's weights
+    as a full backbone state dict (semcorr layout). ``on_row(row)`` gets every curve row
+    (`CURVE_COLUMNS`), those of epochs finished before a resume included, in order;
+    ``on_epoch_end(epoch)`` runs after each epoch's state is saved (tests use it to
+    interrupt a run); ``log`` gets one line per step of the work.
     """
     conf = {**default_conf, **(conf or {})}
     unknown = set(conf) - set(default_conf)
@@ -221,7 +227,10 @@ def finetune(
     state_path = work_dir / "state" / "state.pt"
     state = load_state(state_path, fingerprint)
     if state is not None and state["epoch"] >= conf["epochs"]:  # finished before: nothing to redo
+        log(f"finetune: finished before ({state['epoch']} epochs); nothing to redo")
         write_curve(work_dir / "curve.csv", state["curve"])
+        for row in state["curve"]:
+            (on_row or (lambda r: None))(row)
         return _result(backbone, state)
 
     backbone.to(device)
@@ -230,10 +239,11 @@ def finetune(
         train_ids = sorted(set(train_pairs["source_id"]) | set(train_pairs["target_id"]))
         entries = [(i, False) for i in used] + ([(i, True) for i in train_ids] if conf["flip_augment"] else [])
         source = PrefixSource(backbone, depth, images, device)
+        log(f"finetune: prefix cache of {len(entries)} entries (tokens entering block {len(backbone.blocks()) - depth})")
         cache = build_prefix_cache(
             work_dir / "prefix.zarr", backbone, depth, entries, source.image,
-            fingerprint={"backbone": fingerprint["backbone"], "images": fingerprint["images"]},
-            conf={"dtype": conf["cache_dtype"], "batch_size": conf["prefix_batch_size"]}, device=device,
+            fingerprint={"backbone": fingerprint["backbone"], "images": fingerprint["images"], "code": code_digest()},
+            conf={"dtype": conf["cache_dtype"], "batch_size": conf["prefix_batch_size"]}, device=device, log=log,
         )
     source = PrefixSource(backbone, depth, images, device, cache)
     validate = lambda: validation_pck(  # noqa: E731
@@ -250,6 +260,7 @@ def finetune(
     torch.manual_seed(conf["seed"])
 
     if state is None:
+        log(f"finetune: validating the untuned backbone on {len(val_pairs)} val pairs")
         base = validate()
         curve = [{"epoch": 0, "step": 0, "loss": float("nan"), "val_pck": base, "lr": conf["lr"], "seconds": 0.0}]
         state = {"epoch": 0, "step": 0, "curve": curve, "best": None, "fingerprint": fingerprint}
@@ -259,25 +270,32 @@ def finetune(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        log(f"finetune: resuming after epoch {state['epoch']}")
     write_curve(work_dir / "curve.csv", state["curve"])
+    for row in state["curve"]:
+        (on_row or (lambda r: None))(row)
 
     step = state["step"]
     for epoch in range(state["epoch"] + 1, conf["epochs"] + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         losses = []
-        for batch in epoch_batches(len(pairs), conf, epoch):
+        batches = epoch_batches(len(pairs), conf, epoch)
+        for k, batch in enumerate(batches, 1):
             loss = train_step(backbone, source, [pairs[i] for i, _ in batch], [f for _, f in batch], transforms, widths, optimizer, conf)
             step += 1
             if not np.isfinite(loss):
-                raise FinetuneError(f"loss is {loss} at epoch {epoch}, step {step}; lower finetune.lr")
+                raise FinetuneError(f"loss is {loss} at epoch {epoch}, step {step} (finetune.lr {conf['lr']}, "
+                                    f"finetune.temperature {conf['temperature']}); lower finetune.lr")
             losses.append(loss)
+            if k == len(batches) or k % LOG_EVERY == 0:
+                log(f"finetune: epoch {epoch}/{conf['epochs']}, step {k}/{len(batches)}, loss {np.mean(losses):.4f}")
         scheduler.step()
         val = validate()
-        state["curve"].append({
-            "epoch": epoch, "step": step, "loss": float(np.mean(losses)), "val_pck": val, "lr": lr,
-            "seconds": round(time.perf_counter() - started, 3),
-        })
+        row = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)), "val_pck": val, "lr": lr,
+               "seconds": round(time.perf_counter() - started, 3)}
+        state["curve"].append(row)
+        log(f"finetune: epoch {epoch}/{conf['epochs']}: loss {row['loss']:.4f}, val PCK@{conf['val_alpha']:g} {val:.4f}")
         tail = {name: params[name].detach().cpu().clone() for name in trainable}
         if state["best"] is None or val > state["best"]["val_pck"]:
             state["best"] = {"epoch": epoch, "val_pck": val, "tail": tail}
@@ -287,6 +305,8 @@ def finetune(
         )
         save_state(state_path, state)
         write_curve(work_dir / "curve.csv", state["curve"])
+        if on_row is not None:
+            on_row(row)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     for name in trainable:
@@ -364,7 +384,7 @@ def validation_pck(
     attrs = store_attrs(backbone, "finetune-val", "finetune-val", "val", backbone.spec.sha256, flips=False)
     try:
         write_store(store_path, attrs, items())
-        predictions = match_pairs(open_store(store_path), val_pairs, {"method": "argmax"})
+        predictions = match_pairs(open_store(store_path), val_pairs, {"max_window": 0}).table
     finally:
         shutil.rmtree(store_path, ignore_errors=True)
     overall, _ = evaluate_predictions(val_pairs, predictions, alphas=[alpha])
@@ -429,13 +449,14 @@ def _result(backbone: Backbone, state: dict) -> FinetuneResult:
     )
 
 
-def save_tuned(out_dir: Path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
+def save_tuned(out_dir: Path, state_dict: dict[str, torch.Tensor], meta: dict, work: Path) -> Path:
     """Write ``out_dir/model.pth`` (the full backbone state dict) and ``weights.json``
-    ({file, sha256, random_init: false, **meta}) atomically, as one folder."""
+    ({file, sha256, random_init, verified, **meta}) as one folder, staged under ``work``."""
     out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
+    with staged(out_dir, work) as tmp:
         tmp.mkdir(parents=True)
         torch.save(state_dict, tmp / "model.pth")
-        info = {"file": "model.pth", "sha256": sha256_file(tmp / "model.pth"), "random_init": False, **meta}
+        info = {"file": "model.pth", "sha256": sha256_file(tmp / "model.pth"), "random_init": False,
+                "verified": True, **meta}
         write_json(tmp / "weights.json", info)
     return out_dir

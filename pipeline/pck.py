@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
 from semcorr.pipeline.tables import keypoints
 
@@ -110,6 +109,7 @@ def evaluate_predictions(
 
 
 def _numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    """numpy view of an array or a torch tensor (without importing torch)."""
+    if hasattr(x, "detach"):
         return x.detach().cpu().numpy()
     return np.asarray(x)

@@ -30,6 +30,7 @@ default_conf = {
     "batch_size": 8,  # images per forward_prefix call
 }
 
+LOG_EVERY = 25  # batches between progress lines
 STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 
 Entry = tuple[str, bool]  # (image_id, horizontally flipped)
@@ -91,6 +92,7 @@ def build_prefix_cache(
     fingerprint: dict,
     conf: dict | None = None,
     device: torch.device | str = "cpu",
+    log: Callable[[str], None] = lambda message: None,
 ) -> PrefixCache:
     """Compute (or complete) the cache of ``backbone.forward_prefix(x, n_tail)`` at ``path``.
 
@@ -116,7 +118,10 @@ def build_prefix_cache(
 
     todo = list(range(len(entries))) if group is None else np.flatnonzero(~group["done"][:]).tolist()
     device = torch.device(device)
+    log(f"prefix cache {path}: {len(entries) - len(todo)} of {len(entries)} entries cached, computing {len(todo)}")
     for start in range(0, len(todo), conf["batch_size"]):
+        if start and start % (LOG_EVERY * conf["batch_size"]) == 0:
+            log(f"prefix cache {path}: {start} of {len(todo)} entries computed")
         rows = todo[start : start + conf["batch_size"]]
         tokens = encode(_prefix_tokens(backbone, n_tail, [entries[r] for r in rows], load_image, device), conf["dtype"])
         if group is None:

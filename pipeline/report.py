@@ -41,16 +41,23 @@ def phase(method: str, train_dataset: str | None, dataset: str) -> int:
     return 2 if train_dataset is not None else 1
 
 
-def metrics_dict(setting: dict, overall: PCK) -> dict:
-    """The flat-ish ``metrics.json`` of one evaluation (for ``dvc metrics``)."""
-    return {
-        **setting,
-        "pck_image": {str(a): v for a, v in overall.image.items()},
-        "pck_point": {str(a): v for a, v in overall.point.items()},
-        "n_pairs": overall.n_pairs,
-        "n_points": overall.n_points,
-        "n_pairs_no_visible": overall.n_pairs_no_visible,
-    }
+def metric_key(kind: str, alpha: float) -> str:
+    """``pck_img@0.1`` (per image) or ``pck_pt@0.1`` (per point): the keys of metrics.json."""
+    return f"pck_{'img' if kind == 'image' else 'pt'}@{alpha:g}"
+
+
+def metrics_dict(overall: PCK, extra: dict | None = None) -> dict:
+    """``metrics.json`` of one evaluation: numbers only (for ``dvc metrics`` / ``exp show``);
+    the setting they were measured under goes to the evaluation's ``setting.json``."""
+    out = {metric_key("image", a): _number(v) for a, v in overall.image.items()}
+    out.update({metric_key("point", a): _number(v) for a, v in overall.point.items()})
+    out.update(n_pairs=overall.n_pairs, n_points=overall.n_points, n_pairs_no_visible=overall.n_pairs_no_visible)
+    out.update({k: _number(v) for k, v in (extra or {}).items()})
+    return out
+
+
+def _number(value) -> float | None:
+    return None if value is None or value != value else float(value)  # NaN -> null
 
 
 def per_category_table(overall: PCK, per_category: dict[str, PCK]) -> pd.DataFrame:
@@ -105,20 +112,21 @@ def report_name(phase_number: int, method: str, kind: str) -> str:
     return f"phase{phase_number}_{method}_{kind}_report.txt"
 
 
-def summary_table(eval_root: Path) -> pd.DataFrame:
-    """One row per evaluation found under ``eval_root`` (``<variant>/<dataset>/<method>/metrics.json``)."""
+def summary_table(eval_dirs: list[Path]) -> pd.DataFrame:
+    """One row per evaluation folder (``metrics.json`` + ``setting.json``), PCK as fractions."""
     rows = []
-    for path in sorted(Path(eval_root).glob("*/*/*/metrics.json")):
-        m = json.loads(path.read_text())
-        row = {"variant": m["variant"], "phase": m["phase"], "dataset": m["dataset"], "method": m["method"]}
+    for folder in eval_dirs:
+        m = json.loads((Path(folder) / "metrics.json").read_text())
+        s = json.loads((Path(folder) / "setting.json").read_text())
+        row = {"variant": s["variant"], "phase": s["phase"], "dataset": s["dataset"], "method": s["method"]}
         for kind in ("image", "point"):
             for alpha in SUMMARY_ALPHAS:
-                row[f"pck_{kind}@{alpha:g}"] = m[f"pck_{kind}"].get(str(alpha))
-        row.update(n_pairs=m["n_pairs"], n_points=m["n_points"], normaliser=m.get("norm_kind"),
-                   random_init=bool(m.get("random_init")))
+                row[metric_key(kind, alpha)] = m.get(metric_key(kind, alpha))
+        row.update(n_pairs=m["n_pairs"], n_points=m["n_points"], normaliser=s.get("norm_kind"),
+                   random_init=bool(s.get("random_init")))
         rows.append(row)
     columns = ["variant", "phase", "dataset", "method",
-               *[f"pck_{k}@{a:g}" for k in ("image", "point") for a in SUMMARY_ALPHAS],
+               *[metric_key(k, a) for k in ("image", "point") for a in SUMMARY_ALPHAS],
                "n_pairs", "n_points", "normaliser", "random_init"]
     return pd.DataFrame(rows, columns=columns).sort_values(["phase", "dataset", "variant", "method"], ignore_index=True)
 
@@ -129,16 +137,26 @@ def summary_markdown(table: pd.DataFrame) -> str:
     lines = [header, "|" + "---|" * len(table.columns)]
     for row in table.itertuples(index=False):
         lines.append("| " + " | ".join(_cell(v, name) for v, name in zip(row, table.columns)) + " |")
-    note = "PCK in percent; per image = mean over pairs with a visible keypoint, per point = visible keypoints pooled."
+    note = ("PCK in percent, original target pixels: a keypoint is correct when its distance to the ground truth is "
+            "<= alpha x the normaliser (column `normaliser`: " + "; ".join(f"{k} = {v}" for k, v in NORM_KINDS.items())
+            + "). `pck_img` = per image (mean over pairs with a visible keypoint), `pck_pt` = per point (visible "
+            "keypoints pooled); `n_pairs`, `n_points` count them. `random_init` True: the weights are not a "
+            "trained model.")
     return "\n".join(["# semcorr summary", "", note, "", *lines]) + "\n"
 
 
-def summary_metrics(table: pd.DataFrame) -> dict:
-    """``{"<variant>/<dataset>/<method>": {"pck_image@0.1": .., "pck_point@0.1": ..}}`` for ``dvc exp show``."""
-    return {
-        f"{r['variant']}/{r['dataset']}/{r['method']}": {"pck_image@0.1": r["pck_image@0.1"], "pck_point@0.1": r["pck_point@0.1"]}
-        for r in table.to_dict("records")
-    }
+def category_chart_table(per_category: dict[str, pd.DataFrame], alpha: float = 0.1) -> pd.DataFrame:
+    """Rows ``label`` ("<category> · <variant>"), ``pck_img`` (PCK@alpha per image, percent):
+    one bar per category and variant, for DVC's bar_horizontal template. ``per_category``:
+    variant -> its evaluation's per_category.csv table."""
+    rows = []
+    for variant, table in per_category.items():
+        at = table[(table["alpha"] - alpha).abs() < 1e-9]
+        for category, value in zip(at["category"], at["pck_image"]):
+            rows.append({"label": f"{category} · {variant}", "category": category, "variant": variant,
+                         "pck_img": None if pd.isna(value) else round(100 * float(value), 4)})
+    table = pd.DataFrame(rows, columns=["label", "category", "variant", "pck_img"])
+    return table.sort_values(["category", "variant"], key=lambda c: c.map(lambda v: (v == "all", v)), ignore_index=True)
 
 
 def _cell(value, column: str) -> str:

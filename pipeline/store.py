@@ -4,7 +4,7 @@ configuration, in one zarr v3 group.
 Layout of ``data/features/<variant>/<dataset>.zarr``::
 
     feats       [N, C, G, G] float16  image n's features in feats[n, :, :h_n, :w_n], zeros elsewhere
-                                      (chunks stored cell-major: transpose codec, see ``FILTERS``)
+                                      (chunks stored cell-major: transpose codec, see ``CELL_MAJOR``)
     feats_flip  [N, C, G, G] float16  the same for the horizontally mirrored image (when attrs.flips)
     transforms  [N, 8] float64        `CellTransform.to_array()` per image (h_n, w_n = its grid)
     done        [N] uint8             1 once image n's shard is on disk
@@ -12,31 +12,41 @@ Layout of ``data/features/<variant>/<dataset>.zarr``::
 One chunk holds one image, one shard file holds ``shard_images`` images, so a store is
 a few files (DVC hashes each), a reader fetches one image with one ranged read, and
 concurrent writers that own disjoint shards never touch the same file. ``G`` is the
-largest grid; the padding of smaller grids is zeros that the Blosc-lz4 codec squeezes
-away (store bytes stay below the raw fp16 bytes, see `benchmarks/extract_throughput.py`).
-`FeatureStore.iter_maps` is the fast bulk reader (match stage): it reads the shard files
-with plain reads following the zarr v3 sharding index and decodes in a background thread.
+largest grid. Every chunk ends with its crc32c (zarr's ``Crc32cCodec``, the last codec
+inside the sharding codec) and every shard index with its own, so any changed byte is
+an error, never silently different features; a missing shard file or an empty index
+entry of an image is an error too, never fill values. The chunk compression is
+``attrs.codec`` (one of `CODECS`; `DEFAULT_CODEC` chosen by `benchmarks/store_codecs.py`).
 
-zarr's LocalStore writes every file through a temp file + ``os.replace``, so a killed
-writer never leaves a torn shard; `FeatureStore.write_shard` also fsyncs the shard
-files before it sets their ``done`` flags. A store is complete (readable by
-`open_store`) only once every flag is set and the ``complete`` attr is written.
+The bulk reader (`FeatureStore.iter_maps`) is `_ShardFile`, which follows the zarr v3
+sharding layout with plain reads and checks all of the above: zarr's own API reads these
+stores 2-3x slower (`benchmarks/store_codecs.py`). One image (`features`, `sample`) is
+read through zarr's API, as fast there, once `_ShardFile` has checked the shard file and
+the image's index entry (zarr reads missing data as zeros; it checks the chunk crc32c).
+Writes go through zarr: its LocalStore writes every file through a temp file + ``os.replace``, so a killed
+writer never leaves a torn shard and a file is never written in place (stores may
+share files by hard links). A store is complete (readable by `open_store`) once every
+``done`` flag is set, every shard verified and the ``complete`` attr written;
+`verify_store` checks a store end to end.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
 import queue
+import re
 import shutil
-import sys
 import threading
 import uuid
 import warnings
+from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from itertools import islice
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import google_crc32c
@@ -45,29 +55,44 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, TransposeCodec
-from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from semcorr.pipeline.coords import CellTransform, sample_map
 
-FORMAT = "semcorr-features/1"
+FORMAT = "semcorr-features/2"  # /2: per-chunk crc32c, codec attr; /1 stores are rebuilt
 # Attrs a reader relies on; `write_store` and `create_store` refuse attrs without them.
 REQUIRED_ATTRS = (
     "backbone", "family", "variant", "weights_sha256", "random_init", "layer",
     "patch_size", "input_size", "resize", "feat_dim", "dataset", "flips",
 )
 # Attrs the store manages itself (not part of a configuration to compare).
-_INTERNAL_ATTRS = ("format", "image_ids", "shard_images", "grid_max", "dtype", "complete")
-# Chunks are stored cell-major ([1, G, G, C]: each cell's channels together), so that the
-# padding of a smaller grid is long runs of zeros even with bit shuffle, which lz4 needs to
-# squeeze fp16 features (~0.95x raw); lz4 decodes ~3x faster than zstd (lz4hc level 1:
-# the densest lz4 that still encodes at extract speed).
-FILTERS = (TransposeCodec(order=(0, 2, 3, 1)),)
-CODEC = BloscCodec(cname="lz4hc", clevel=1, shuffle="bitshuffle", typesize=2)
-_EMPTY = 2**64 - 1  # sharding index entry of a chunk never written (reads as fill value 0)
+_INTERNAL_ATTRS = ("format", "image_ids", "shard_images", "grid_max", "dtype", "complete", "codec")
+# Chunks are stored cell-major ([1, G, G, C]: each cell's channels together): the layout the
+# matcher computes in, and the padding of a smaller grid becomes long runs of zeros.
+CELL_MAJOR = TransposeCodec(order=(0, 2, 3, 1))
+# Compression of a chunk (before its crc32c). Features are fp16 with near-random mantissas:
+# lz4 squeezes the zero padding only; bit shuffle also the exponent bits (~6% of real-image
+# features) but halves decode speed, below disk speed. Measured by benchmarks/store_codecs.py:
+# lz4 matches as fast as any, reads faster than the disk, and keeps padding free.
+CODECS: dict[str, tuple[BloscCodec, ...]] = {
+    "none": (),
+    "lz4": (BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle", typesize=2),),
+    "lz4-bitshuffle": (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=2),),
+    "lz4hc-bitshuffle": (BloscCodec(cname="lz4hc", clevel=1, shuffle="bitshuffle", typesize=2),),
+}
+DEFAULT_CODEC = "lz4"
+_EMPTY = 2**64 - 1  # sharding index entry of a chunk never written
+_WRITE = {"write_empty_chunks": True}  # an all-zero map is still an image: always store its chunk
 
 
 class StoreError(RuntimeError):
-    """The path is not a (complete) feature store; the message names the path."""
+    """The path is not a (complete, intact) feature store; the message names the path, and for
+    damaged data ``file`` is the damaged file and ``images`` the image ids it holds."""
+
+    def __init__(self, message: str, file: Path | None = None, images: Sequence[str] = (), problem: str = ""):
+        super().__init__(message)
+        self.file = file
+        self.images = tuple(images)
+        self.problem = problem or message  # the message without the repair advice
 
 
 class StoreMismatch(StoreError):
@@ -90,6 +115,18 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def extract_command(path: Path, attrs: dict | None = None) -> str:
+    """The ``semcorr extract`` call that (re)builds the store at ``path``: from its attrs
+    (dataset, backbone, tuned_depth), else from the path ``<variant>/<dataset>.zarr``."""
+    path, attrs = Path(path), attrs or {}
+    dataset, backbone, tuned = attrs.get("dataset"), attrs.get("backbone"), attrs.get("tuned_depth")
+    if not (dataset and backbone):
+        dataset = path.name.removesuffix(".zarr")
+        found = re.fullmatch(r"(.+)_ft(\d+)", path.parent.name)
+        backbone, tuned = (found[1], int(found[2])) if found else (path.parent.name, None)
+    return f"semcorr extract --dataset {dataset} --backbone {backbone}" + (f" --tuned {tuned}" if tuned else "")
+
+
 class FeatureStore:
     """Reader (and, for the extract stage, shard writer) of one feature store."""
 
@@ -99,17 +136,25 @@ class FeatureStore:
         attrs = dict(group.attrs)
         self.image_ids: list[str] = list(attrs["image_ids"])
         self.shard_images: int = int(attrs["shard_images"])
+        self.codec: str = attrs["codec"]
         self.attrs: dict = {k: v for k, v in attrs.items() if k != "image_ids"}
         self._index = {image_id: n for n, image_id in enumerate(self.image_ids)}
-        self._feats = group["feats"]
-        self._feats_flip = group["feats_flip"] if attrs["flips"] else None
-        self._transforms = group["transforms"][:]  # [N, 8], small: read once
+        self._arrays = {name: group[name].with_config(_WRITE) for name in self.array_names}
+        for array in self._arrays.values():
+            _check_layout(self.path, array, self.codec)
+        _, c, g, _ = self._arrays["feats"].shape
+        self._chunk_shape = (g, g, c)  # of a decoded chunk: cell-major
+        self._transforms = _read_transforms(self.path, group)  # [N, 8], small: read once
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.path}, {len(self)} images, {self.attrs['variant']}/{self.attrs['dataset']})"
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        return ("feats", "feats_flip") if self.attrs["flips"] else ("feats",)
 
     # -- reading ----------------------------------------------------------------------
     def index(self, image_id: str) -> int:
@@ -144,28 +189,24 @@ class FeatureStore:
         """``(n, [C, h_n, w_n] float16)`` for images ``indices`` (default: all), in storage order.
 
         The fast bulk read: a background thread reads each shard file with plain reads
-        (asking the kernel to prefetch the next shard) and decodes the chunks into a ring
-        of ``ahead + 1`` reused buffers; Blosc releases the GIL, so decoding overlaps the
-        caller's compute. Each yielded array is a view of a reused buffer: valid only until
-        the next item is requested (copy it to keep it). Its memory is cell-major
-        (``feats.transpose(1, 2, 0)`` is a C-ordered ``[h, w, C]`` view).
+        (asking the kernel to prefetch the next shard), checks every checksum and decodes
+        the chunks into a ring of ``ahead + 1`` reused buffers; reads, crc32c and Blosc
+        release the GIL, so they overlap the caller's compute. Each yielded array is a view
+        of a reused buffer: valid only until the next item is requested (copy it to keep
+        it). Its memory is cell-major (``feats.transpose(1, 2, 0)`` is a C-ordered ``[h, w, C]``
+        view). Damaged or missing data raises `StoreError` when its image is reached.
         """
         order = sorted(set(range(len(self)) if indices is None else (int(n) for n in indices)))
         if order and not 0 <= order[0] <= order[-1] < len(self):
             raise IndexError(f"{self.path}: image index out of range 0..{len(self) - 1}")
-        array = self._array(flip)
-        if not _fast_layout(array):  # not the layout `create_store` writes: let zarr read it
-            for n in order:
-                yield n, self._map(n, flip)
-            return
-        c, g = array.shape[1], array.shape[2]
+        name = self._array_name(flip)
         filled: queue.Queue = queue.Queue()
         free: queue.Queue = queue.Queue()
         for _ in range(ahead + 1):
-            free.put(np.empty((g, g, c), dtype=np.float16))
+            free.put(np.empty(self._chunk_shape, dtype=np.float16))
         stop = threading.Event()
         reader = threading.Thread(
-            target=self._read_shards, args=(array, order, filled, free, stop), name="store-reader", daemon=True
+            target=self._read_shards, args=(name, order, filled, free, stop), name="store-reader", daemon=True
         )
         reader.start()
         held = None
@@ -185,19 +226,19 @@ class FeatureStore:
             stop.set()
             reader.join()
 
-    def _read_shards(self, array: zarr.Array, order: list[int], filled: queue.Queue, free: queue.Queue,
+    def _read_shards(self, name: str, order: list[int], filled: queue.Queue, free: queue.Queue,
                      stop: threading.Event) -> None:
         """Reader thread of `iter_maps`: puts ``(n, buffer)`` per image, then None (or the error)."""
         try:
             shards: dict[int, list[int]] = {}
             for n in order:
                 shards.setdefault(n // self.shard_images, []).append(n)
-            files = [self._shard_file(array, shard) for shard in shards]
+            files = [self.shard_file(name, shard) for shard in shards]
             scratch = np.empty(0, dtype=np.uint8)
             for k, (shard, rows) in enumerate(shards.items()):
                 if k + 1 < len(files):
                     _prefetch_file(files[k + 1])
-                with _ShardFile(files[k], self.shard_images) as spans:
+                with _ShardFile(self, name, shard) as shard_file:
                     for n in rows:
                         while True:
                             if stop.is_set():
@@ -207,36 +248,80 @@ class FeatureStore:
                                 break
                             except queue.Empty:
                                 continue
-                        offset, nbytes = spans.entry(n - shard * self.shard_images)
-                        if offset == _EMPTY:
-                            buffer.fill(0)
-                        else:
-                            if scratch.size < nbytes:
-                                scratch = np.empty(nbytes, dtype=np.uint8)
-                            spans.read(offset, scratch[:nbytes])
-                            numcodecs.blosc.decompress(scratch[:nbytes], buffer)
+                        scratch = shard_file.read(n, buffer, scratch)
                         filled.put((n, buffer))
             filled.put(None)
         except BaseException as exc:  # handed to the consumer, which raises it
             filled.put(exc if isinstance(exc, StoreError) else StoreError(f"{self.path}: cannot read features: {exc}"))
 
     def _map(self, n: int, flip: bool) -> np.ndarray:
-        """``[C, h, w]`` float16 map of image ``n`` (a fresh array)."""
+        """``[C, h, w]`` float16 map of image ``n`` (a fresh C-ordered array), read through zarr's
+        own API (as fast as `_ShardFile` for one image: `benchmarks/store_codecs.py`) after
+        `_ShardFile` checked that the shard file and the image's chunk exist (zarr would
+        read missing data as zeros); zarr checks the chunk's crc32c."""
+        name, shard = self._array_name(flip), n // self.shard_images
+        with _ShardFile(self, name, shard) as shard_file:
+            shard_file.entry(n)
         gh, gw = self._grid(n)
-        return self._array(flip)[n, :, :gh, :gw]
+        try:
+            return self._arrays[name][n, :, :gh, :gw]
+        except (ValueError, RuntimeError) as exc:
+            what = "chunk checksum mismatch (corrupt data)" if "checksum" in str(exc) else f"chunk does not decode ({exc})"
+            raise self.damaged(self.shard_file(name, shard), [n], what) from None
 
-    def _shard_file(self, array: zarr.Array, shard: int) -> Path:
-        return self.path / array.path / "c" / str(shard) / "0" / "0" / "0"
+    def shard_file(self, name: str, shard: int) -> Path:
+        """The file of shard ``shard`` of array ``name`` (feats or feats_flip)."""
+        return self.path / name / "c" / str(shard) / "0" / "0" / "0"
 
     def _grid(self, n: int) -> tuple[int, int]:
         return int(self._transforms[n, 4]), int(self._transforms[n, 5])
 
-    def _array(self, flip: bool) -> zarr.Array:
-        if not flip:
-            return self._feats
-        if self._feats_flip is None:
+    def _array_name(self, flip: bool) -> str:
+        if flip and not self.attrs["flips"]:
             raise StoreError(f"{self.path}: store has no flipped features (extracted with flips: false)")
-        return self._feats_flip
+        return "feats_flip" if flip else "feats"
+
+    # -- checking ---------------------------------------------------------------------
+    def check_shard(self, shard: int) -> list[StoreError]:
+        """Every problem of shard ``shard`` (missing file, index or chunk checksum, empty entry),
+        found by reading all of its files; an empty list when the shard is intact."""
+        problems: list[StoreError] = []
+        scratch = np.empty(0, dtype=np.uint8)
+        for name in self.array_names:
+            try:
+                with _ShardFile(self, name, shard) as shard_file:
+                    for n in self.shard_range(shard):
+                        try:
+                            scratch = shard_file.check(n, scratch)
+                        except StoreError as exc:
+                            problems.append(exc)
+            except StoreError as exc:
+                problems.append(exc)
+        return problems
+
+    def check_files(self) -> None:
+        """Raise `StoreError` naming the first shard file that is missing or too short (a stat each)."""
+        index_bytes = 16 * self.shard_images + 4
+        for shard in range(self.n_shards):
+            for name in self.array_names:
+                file = self.shard_file(name, shard)
+                try:
+                    size = file.stat().st_size
+                except FileNotFoundError:
+                    raise self.damaged(file, self.shard_range(shard), "shard file is missing") from None
+                if size < index_bytes:
+                    raise self.damaged(file, self.shard_range(shard), f"shard file too short for its index ({size} bytes)")
+
+    def damaged(self, file: Path, rows: Iterable[int], what: str) -> StoreError:
+        """The error for damaged data of images ``rows`` in ``file``, with how to repair it."""
+        ids = [self.image_ids[n] for n in rows]
+        shown = ", ".join(map(repr, ids[:4])) + (f" and {len(ids) - 4} more" if len(ids) > 4 else "")
+        problem = f"{file}: {what} (image{'s' if len(ids) > 1 else ''} {shown} of feature store {self.path})"
+        return StoreError(
+            f"{problem}; list every damaged image with `semcorr verify {self.path}`, "
+            f"re-extract them with `{extract_command(self.path, self.attrs)}`",
+            file=file, images=ids, problem=problem,
+        )
 
     # -- writing (extract stage) ------------------------------------------------------
     @property
@@ -256,20 +341,55 @@ class FeatureStore:
         rows = self.shard_range(shard)
         if len(feats) != len(rows):
             raise ValueError(f"{self.path}: shard {shard} holds {len(rows)} images, got {len(feats)}")
-        self._feats[rows.start : rows.stop] = self._padded(rows, feats)
-        if self._feats_flip is not None:
-            if feats_flip is None:
-                raise ValueError(f"{self.path}: store keeps flipped features; shard {shard} came without them")
-            self._feats_flip[rows.start : rows.stop] = self._padded(rows, feats_flip)
-        for name in ("feats", "feats_flip"):
-            _fsync(self.path / name / "c" / str(shard) / "0" / "0" / "0")
+        if self.attrs["flips"] and feats_flip is None:
+            raise ValueError(f"{self.path}: store keeps flipped features; shard {shard} came without them")
+        for name, maps in zip(self.array_names, (feats, feats_flip)):
+            self._arrays[name][rows.start : rows.stop] = self._padded(rows, maps)
+            _fsync(self.shard_file(name, shard))
+        self.mark_done(shard)
+
+    def mark_done(self, shard: int) -> None:
+        """Set the ``done`` flags of a shard whose files verified."""
+        rows = self.shard_range(shard)
         self._group["done"][rows.start : rows.stop] = 1
 
+    def adopt_shard(self, source: FeatureStore, shard: int) -> None:
+        """Take shard ``shard`` from ``source`` (a store of the same layout whose shard verified):
+        hard-link its files here (copy where the filesystem refuses a link), then set the
+        ``done`` flags. ``source``'s files are only ever read."""
+        for name in self.array_names:
+            src, dst = source.shard_file(name, shard), self.shard_file(name, shard)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f"{dst.name}.{uuid.uuid4().hex}.partial")
+            try:
+                os.link(src, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        self.mark_done(shard)
+
+    def discard_shard(self, shard: int) -> None:
+        """Clear the ``done`` flags of a shard and remove its files (it will be written again)."""
+        rows = self.shard_range(shard)
+        self._group["done"][rows.start : rows.stop] = 0
+        for name in self.array_names:
+            self.shard_file(name, shard).unlink(missing_ok=True)
+
     def finalize(self) -> bool:
-        """Mark the store complete if every image is done; returns whether it is complete.
-        Safe to call from several writers: whoever sees all flags set marks it."""
+        """Mark the store complete if every image is done and every shard verifies; returns
+        whether it is complete. A done shard that fails verification is discarded (so that
+        a rerun writes it again) and raises `StoreError`. Call it under the writers' lock."""
         if not self.done().all():
             return False
+        for shard in range(self.n_shards):
+            problems = self.check_shard(shard)
+            if problems:
+                self.discard_shard(shard)
+                raise StoreError(f"{self.path}: shard {shard} failed verification after writing "
+                                 f"({problems[0].problem}); it was discarded: rerun the extract to write it again",
+                                 file=problems[0].file, images=problems[0].images)
         for partial in self.path.rglob("*.partial"):  # left by writers killed mid-file
             partial.unlink(missing_ok=True)
         self._group.attrs["complete"] = True
@@ -279,39 +399,155 @@ class FeatureStore:
 
     def _padded(self, rows: range, feats: Sequence[np.ndarray]) -> np.ndarray:
         """``[len(rows), C, G, G]`` float16, each image's map at the top-left of zeros."""
-        out = np.zeros((len(rows), *self._feats.shape[1:]), dtype=np.float16)
+        g, _, c = self._chunk_shape
+        out = np.zeros((len(rows), c, g, g), dtype=np.float16)
         for k, (n, f) in enumerate(zip(rows, feats)):
             gh, gw = self._grid(n)
-            if tuple(f.shape) != (out.shape[1], gh, gw) or gh > out.shape[2] or gw > out.shape[3]:
+            if tuple(f.shape) != (c, gh, gw) or gh > g or gw > g:
                 raise ValueError(
                     f"{self.path}: image {self.image_ids[n]!r} has features {tuple(f.shape)}, "
-                    f"expected {(out.shape[1], gh, gw)} (feat_dim, grid of its transform; grid at most {out.shape[2]})"
+                    f"expected {(c, gh, gw)} (feat_dim, grid of its transform; grid at most {g})"
                 )
             out[k, :, :gh, :gw] = f
         return out
+
+
+class _ShardFile:
+    """One shard file of the zarr v3 sharding layout: chunks (each ending with its crc32c),
+    then the index ``[chunks, 2] uint64 (offset, nbytes)`` and its crc32c. Opening checks
+    that the file exists and the index checksum; reading an image, that the index has its
+    chunk and the chunk's checksum."""
+
+    def __init__(self, store: FeatureStore, name: str, shard: int):
+        self.store, self.rows = store, store.shard_range(shard)
+        self.path = store.shard_file(name, shard)
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_ShardFile":
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise self._damaged(self.rows, "shard file is missing") from None
+        try:
+            self._read_index()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _read_index(self) -> None:
+        size = os.fstat(self.fd).st_size
+        tail = np.empty(self.store.shard_images * 16 + 4, dtype=np.uint8)
+        if size < tail.size:
+            raise self._damaged(self.rows, f"shard file too short for its index ({size} bytes)")
+        self._pread(size - tail.size, tail)
+        if google_crc32c.value(tail[:-4]) != int(tail[-4:].view("<u4")[0]):
+            raise self._damaged(self.rows, "shard index checksum mismatch (corrupt shard file)")
+        self.index = tail[:-4].view("<u8").reshape(-1, 2)[: len(self.rows)]
+        self.data_bytes = size - tail.size
+
+    def entry(self, n: int) -> tuple[int, int]:
+        """``(offset, nbytes)`` of image ``n``'s chunk; `StoreError` if the index has none or a bad one."""
+        offset, nbytes = (int(v) for v in self.index[n - self.rows.start])
+        if offset == _EMPTY:
+            raise self._damaged([n], "no chunk in the shard index (image never written)")
+        exact = 2 * math.prod(self.store._chunk_shape) + 4  # an uncompressed chunk: the map and its crc32c
+        if nbytes < 4 or offset + nbytes > self.data_bytes or (not CODECS[self.store.codec] and nbytes != exact):
+            raise self._damaged([n], f"shard index entry out of bounds ({offset}, {nbytes})")
+        return offset, nbytes
+
+    def read(self, n: int, buffer: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """Decode image ``n``'s chunk into ``buffer: [G, G, C] float16`` after checking its crc32c;
+        returns ``scratch`` (grown if it was too small) for the next call."""
+        if not CODECS[self.store.codec]:  # the chunk is the map: read it in place
+            offset, nbytes = self.entry(n)
+            crc = np.empty(4, dtype=np.uint8)
+            self._pread(offset, buffer)
+            self._pread(offset + nbytes - 4, crc)
+            if google_crc32c.value(buffer) != int(crc.view("<u4")[0]):
+                raise self._damaged([n], "chunk checksum mismatch (corrupt data)")
+            return scratch
+        scratch, nbytes = self._checked(n, scratch)
+        try:
+            numcodecs.blosc.decompress(scratch[: nbytes - 4], buffer)
+        except (RuntimeError, ValueError) as exc:
+            raise self._damaged([n], f"chunk does not decode ({exc})") from None
+        return scratch
+
+    def check(self, n: int, scratch: np.ndarray) -> np.ndarray:
+        """Read image ``n``'s chunk and check its crc32c; returns ``scratch`` for the next call."""
+        return self._checked(n, scratch)[0]
+
+    def _checked(self, n: int, scratch: np.ndarray) -> tuple[np.ndarray, int]:
+        """Image ``n``'s chunk read into ``scratch`` (grown if too small) with its crc32c checked;
+        returns ``(scratch, nbytes)``."""
+        offset, nbytes = self.entry(n)
+        if scratch.size < nbytes:
+            scratch = np.empty(nbytes, dtype=np.uint8)
+        self._pread(offset, scratch[:nbytes])
+        if google_crc32c.value(scratch[: nbytes - 4]) != int(scratch[nbytes - 4 : nbytes].view("<u4")[0]):
+            raise self._damaged([n], "chunk checksum mismatch (corrupt data)")
+        return scratch, nbytes
+
+    def _damaged(self, rows: Iterable[int], what: str) -> StoreError:
+        return self.store.damaged(self.path, rows, what)
+
+    def _pread(self, offset: int, out: np.ndarray) -> None:
+        view, done = memoryview(out).cast("B"), 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise self._damaged(self.rows, f"unexpected end of file at byte {offset + done}")
+            done += got
 
 
 def open_store(path: Path, expect: dict | None = None, complete: bool = True) -> FeatureStore:
     """Open a feature store for reading.
 
     Raises `StoreError` if ``path`` is not a feature store (or, with ``complete``, not a
-    finished one) and `StoreMismatch` naming every key whose value differs from ``expect``.
+    finished one, or one with a missing shard file: a stat of each) and `StoreMismatch`
+    naming every key whose value differs from ``expect``. Messages name the file that is
+    wrong and the ``semcorr extract`` call that rebuilds the store.
     """
     path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise StoreError(f"{path}: not a feature store (no zarr.json); run `semcorr extract` to make it")
-    group = zarr.open_group(store=str(path), mode="r" if complete else "r+", use_consolidated=complete)
-    attrs = dict(group.attrs)
-    if attrs.get("format") != FORMAT:
-        raise StoreError(f"{path}: not a semcorr feature store (format {attrs.get('format')!r}, expected {FORMAT!r})")
-    if complete and not attrs.get("complete"):
-        done = int(np.count_nonzero(group["done"][:]))
+    store = _open(path, consolidated=complete, writable=False)
+    if complete and not store.attrs.get("complete"):
+        done = int(np.count_nonzero(store.done()))
         raise StoreError(
-            f"{path}: incomplete feature store ({done} of {len(attrs['image_ids'])} images written); "
-            "rerun `semcorr extract` to finish it"
+            f"{path}: incomplete feature store ({done} of {len(store)} images written); "
+            f"rerun `{extract_command(path, store.attrs)}` to finish it"
         )
-    check_attrs(path, attrs, expect or {})
-    return FeatureStore(path, group)
+    if complete:
+        store.check_files()
+    check_attrs(path, dict(store.attrs), expect or {})
+    return store
+
+
+def _open(path: Path, consolidated: bool, writable: bool) -> FeatureStore:
+    """The store at ``path`` with its metadata checked; `StoreError` naming what is wrong."""
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"{path}: not a feature store (no zarr.json); run `{extract_command(path)}` to make it")
+    try:
+        group = zarr.open_group(store=str(path), mode="r+" if writable else "r", use_consolidated=consolidated)
+        attrs = dict(group.attrs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"{path / 'zarr.json'}: unreadable store metadata ({exc}); "
+                         f"rebuild the store with `{extract_command(path)}`") from None
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a semcorr feature store of this version (format {attrs.get('format')!r}, "
+                         f"expected {FORMAT!r}); rebuild it with `{extract_command(path, attrs)}`")
+    try:
+        return FeatureStore(path, group)
+    except StoreError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"{path}: unreadable store metadata or transforms ({type(exc).__name__}: {exc}); "
+                         f"rebuild the store with `{extract_command(path, attrs)}`") from None
 
 
 def check_attrs(path: Path, found: dict, expect: dict) -> None:
@@ -327,6 +563,79 @@ def check_attrs(path: Path, found: dict, expect: dict) -> None:
         raise StoreMismatch(f"{path}: feature store made with another configuration: " + "; ".join(differing))
 
 
+# -- verification -------------------------------------------------------------------------
+
+
+@dataclass
+class StoreReport:
+    """What `verify_store` found. ``problems``: one line each, naming the file and what is
+    wrong; ``bad_images``: the image ids to re-extract (``bad_shards``: their shards)."""
+
+    path: Path
+    attrs: dict = field(default_factory=dict)
+    images: int = 0
+    shards: int = 0
+    problems: list[str] = field(default_factory=list)
+    bad_images: list[str] = field(default_factory=list)
+    bad_shards: list[int] = field(default_factory=list)
+    rebuild: bool = False  # the store cannot be opened at all: every image is re-extracted
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def repair(self) -> str:
+        """How to repair the store (the ``semcorr extract`` call that re-extracts what is bad)."""
+        command = extract_command(self.path, self.attrs)
+        if self.rebuild:
+            return f"rebuild the whole store: `{command}`"
+        if self.bad_images:
+            return (f"re-extract the {len(self.bad_images)} damaged images (shards "
+                    f"{', '.join(map(str, self.bad_shards))}; intact shards are kept): `{command}`")
+        return f"finish the store: `{command}`"
+
+
+def verify_store(path: Path) -> StoreReport:
+    """Check a store end to end: metadata, every shard file present, every index and chunk
+    checksum, the ``done`` flags against the data, and completeness."""
+    path = Path(path)
+    report = StoreReport(path)
+    try:
+        store = _open(path, consolidated=False, writable=False)
+    except StoreError as exc:
+        report.problems.append(str(exc))
+        report.rebuild = True
+        return report
+    report.attrs, report.images, report.shards = store.attrs, len(store), store.n_shards
+    done = store.done()
+    bad: dict[int, set[str]] = {}
+    for shard in range(store.n_shards):
+        rows = store.shard_range(shard)
+        problems = store.check_shard(shard)
+        for problem in problems:
+            report.problems.append(problem.problem + (" [marked done]" if done[rows.start : rows.stop].any() else ""))
+            bad.setdefault(shard, set()).update(problem.images)
+        if not problems and not done[rows.start : rows.stop].all():
+            report.problems.append(f"{path / 'done'}: shard {shard} is intact but not marked done")
+    if not store.attrs.get("complete"):
+        report.problems.append(f"{path / 'zarr.json'}: store not marked complete "
+                               f"({int(done.sum())} of {len(store)} images done)")
+    else:
+        try:
+            _open(path, consolidated=True, writable=False)
+        except StoreError as exc:
+            report.problems.append(f"consolidated metadata: {exc}")
+            report.rebuild = True
+    report.bad_shards = sorted(bad)
+    report.bad_images = [store.image_ids[n] for s in report.bad_shards for n in store.shard_range(s)
+                         if store.image_ids[n] in bad[s]]
+    return report
+
+
+# -- creating -----------------------------------------------------------------------------
+
+
 def create_store(
     path: Path,
     attrs: dict,
@@ -334,27 +643,27 @@ def create_store(
     transforms: Sequence[CellTransform],
     shard_images: int = 16,
     replace_stale: bool = False,
+    codec: str = DEFAULT_CODEC,
 ) -> FeatureStore:
     """Create an empty store (all ``done`` flags 0), or open the existing one if it was made
     with the same attrs, images and transforms (so that resumed and parallel writers share it).
 
-    A store with another configuration raises `StoreMismatch`, or is deleted and
-    recreated with ``replace_stale``. Creation is atomic: the skeleton is built in a
-    temp folder and renamed into place; a concurrent creator that loses the race opens
-    the winner's store.
+    A store with another configuration raises `StoreMismatch`; with ``replace_stale`` it
+    (or an unreadable leftover) is deleted and recreated. Creation is atomic: the skeleton
+    is built in a temp folder and renamed into place; a concurrent creator that loses the
+    race opens the winner's store.
     """
     path = Path(path)
-    _check_required(path, attrs)
-    layout = dict(attrs, format=FORMAT, image_ids=list(image_ids), shard_images=int(shard_images), dtype="float16")
-    layout = _jsonable(layout)
-    table = np.stack([t.to_array() for t in transforms]) if transforms else np.zeros((0, 8))
+    layout = store_layout(path, attrs, image_ids, shard_images, codec)
+    table = _transform_table(transforms)
     if path.exists():
         try:
-            return _open_matching(path, layout, table)
-        except StoreMismatch:
+            return open_matching(path, layout, table)
+        except StoreError:  # StoreMismatch, or not a readable store
             if not replace_stale:
                 raise
             shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         group = _create_group(tmp, layout, len(image_ids), table, shard_images)
@@ -365,11 +674,33 @@ def create_store(
         except OSError:  # another writer created it first
             if not (path / "zarr.json").is_file():
                 raise
-            return _open_matching(path, layout, table)
+            return open_matching(path, layout, table)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return open_store(path, complete=False)
+    return _open(path, consolidated=False, writable=True)
+
+
+def store_layout(path: Path, attrs: dict, image_ids: Sequence[str], shard_images: int, codec: str) -> dict:
+    """The attrs a store made from these arguments holds (``versions`` aside, its configuration)."""
+    _check_required(path, attrs)
+    if codec not in CODECS:
+        raise ValueError(f"{path}: unknown chunk codec {codec!r}; one of {sorted(CODECS)}")
+    layout = dict(attrs, format=FORMAT, image_ids=list(image_ids), shard_images=int(shard_images),
+                  dtype="float16", codec=codec)
+    return _jsonable(layout)
+
+
+def open_matching(path: Path, layout: dict, transforms: np.ndarray, writable: bool = True) -> FeatureStore:
+    """Open an existing (possibly incomplete) store if it holds the configuration ``layout``
+    (`store_layout`) and per-image ``transforms: [N, 8]``; else `StoreMismatch` (or
+    `StoreError` when it is not a readable store)."""
+    store = _open(path, consolidated=False, writable=writable)
+    found = dict(store.attrs, image_ids=store.image_ids)
+    check_attrs(path, found, {k: v for k, v in layout.items() if k != "versions"})
+    if not np.array_equal(store._transforms, transforms):
+        raise StoreMismatch(f"{path}: feature store made with other per-image transforms (image sizes differ)")
+    return store
 
 
 def write_store(
@@ -377,23 +708,24 @@ def write_store(
     attrs: dict,
     items: Iterable[tuple],
     shard_images: int = 16,
+    codec: str = DEFAULT_CODEC,
 ) -> Path:
     """Write a whole store at once from ``(image_id, feats [C, h, w], CellTransform)`` items
     (plus ``feats_flip [C, h, w]`` as a 4th element when ``attrs['flips']``).
 
     Streams shard by shard (memory: one shard); grids are at most
-    ``ceil(input_size / patch_size)`` cells a side. Atomic: the store appears complete or not at all.
+    ``ceil(input_size / patch_size)`` cells a side. Atomic: the store appears complete
+    and verified, replacing what was at ``path`` in one rename, or not at all.
     """
     path = Path(path)
-    _check_required(path, attrs)
     attrs = dict(attrs)
     attrs.setdefault("versions", library_versions())
+    layout = store_layout(path, attrs, [], shard_images, codec)
     grid_max = math.ceil(attrs["input_size"] / attrs["patch_size"])
     items = iter(items)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        layout = _jsonable(dict(attrs, format=FORMAT, image_ids=[], shard_images=int(shard_images), dtype="float16"))
         group = _create_group(tmp, layout, 0, np.zeros((0, 8)), shard_images, grid_max=grid_max)
         ids: list[str] = []
         rows: list[np.ndarray] = []
@@ -414,76 +746,73 @@ def write_store(
         if len(set(ids)) != len(ids):
             raise ValueError(f"{path}: duplicate image ids in the items")
         FeatureStore(tmp, group).finalize()
-        if path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+        replace_store(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
 
 
-def _fast_layout(array: zarr.Array) -> bool:
-    """Whether `_ShardFile` can read ``array`` directly: the layout `create_store` writes
-    (one cell-major (``FILTERS``) Blosc chunk per image, index at the end with crc32c).
-    Anything else is read through zarr."""
-    codecs = array.metadata.codecs
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or sys.byteorder != "little":
+def replace_store(src: Path, dst: Path) -> None:
+    """Move the store folder ``src`` to ``dst``, replacing any store there in one step
+    (``renameat2(RENAME_EXCHANGE)``, then the old store, now at ``src``, is deleted).
+    Where the filesystem cannot exchange, the old store is first renamed to ``src.old``:
+    a kill between the two renames leaves ``dst`` absent and ``src`` complete."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        os.rename(src, dst)
+    elif _exchange(src, dst):
+        shutil.rmtree(src)
+    else:
+        old = src.with_name(src.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the OS or filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
         return False
-    sharding = codecs[0]
-    inner = list(sharding.codecs)
-    return (
-        len(inner) == 3
-        and isinstance(inner[0], TransposeCodec) and tuple(inner[0].order) == (0, 2, 3, 1)
-        and isinstance(inner[1], BytesCodec) and isinstance(inner[2], BloscCodec)
-        and sharding.index_location == ShardingCodecIndexLocation.end
-        and tuple(sharding.chunk_shape) == (1, *array.shape[1:])
-        and [type(c) for c in sharding.index_codecs] == [BytesCodec, Crc32cCodec]
-        and array.dtype == np.float16
-    )
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
 
 
-class _ShardFile:
-    """One shard file of the zarr v3 sharding layout: chunks, then the index
-    ``[chunks, 2] uint64 (offset, nbytes)`` and its crc32c. A missing file reads as empty."""
+def _check_layout(path: Path, array: zarr.Array, codec: str) -> None:
+    """The array must have the exact layout `_create_group` writes for ``codec`` (the one
+    `_ShardFile` reads): one cell-major chunk per image, crc32c last, index at the end."""
+    c, g = array.shape[1], array.shape[2]
+    expected = ShardingCodec(chunk_shape=(1, c, g, g), codecs=[CELL_MAJOR, BytesCodec(), *CODECS[codec], Crc32cCodec()],
+                             index_codecs=[BytesCodec(), Crc32cCodec()], index_location="end")
+    codecs = array.metadata.codecs
+    if (array.dtype != np.float16 or array.shape[2] != array.shape[3] or len(codecs) != 1
+            or codecs[0].to_dict() != expected.to_dict()):
+        raise StoreError(f"{path / array.path / 'zarr.json'}: unexpected chunk layout for codec {codec!r}; "
+                         f"rebuild the store with `{extract_command(path)}`")
 
-    def __init__(self, path: Path, chunks: int):
-        self.path, self.chunks, self.fd = path, chunks, None
 
-    def __enter__(self) -> "_ShardFile":
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            self.index = np.full((self.chunks, 2), _EMPTY, dtype=np.uint64)
-            return self
-        size = os.fstat(self.fd).st_size
-        tail = np.empty(self.chunks * 16 + 4, dtype=np.uint8)
-        if size < tail.size:
-            raise StoreError(f"{self.path}: shard file too short for its index ({size} bytes)")
-        self.read(size - tail.size, tail)
-        if google_crc32c.value(tail[:-4].tobytes()) != int(tail[-4:].view("<u4")[0]):
-            raise StoreError(f"{self.path}: shard index checksum mismatch (corrupt shard file)")
-        self.index = tail[:-4].view("<u8").reshape(self.chunks, 2)
-        used = self.index[:, 0] != _EMPTY
-        if (self.index[used, 0] + self.index[used, 1] > size - tail.size).any():
-            raise StoreError(f"{self.path}: shard index points past the end of the file")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-
-    def entry(self, k: int) -> tuple[int, int]:
-        offset, nbytes = self.index[k]
-        return int(offset), int(nbytes)
-
-    def read(self, offset: int, out: np.ndarray) -> None:
-        view, done = memoryview(out).cast("B"), 0
-        while done < len(view):
-            got = os.preadv(self.fd, [view[done:]], offset + done)
-            if got == 0:
-                raise StoreError(f"{self.path}: unexpected end of file at byte {offset + done}")
-            done += got
+def _read_transforms(path: Path, group: zarr.Group) -> np.ndarray:
+    """``[N, 8]`` transforms; every chunk file must exist (zarr would read a missing one as zeros)."""
+    array = group["transforms"]
+    rows = array.chunks[0]
+    for k in range(math.ceil(array.shape[0] / rows)):
+        file = path / "transforms" / "c" / str(k) / "0"
+        if not file.is_file():
+            raise StoreError(f"{path}: transforms chunk file is missing: {file}; "
+                             f"rebuild the store with `{extract_command(path, dict(group.attrs))}`", file=file)
+    try:
+        return array[:]
+    except ValueError as exc:  # crc32c mismatch
+        raise StoreError(f"{path / 'transforms'}: corrupt transforms ({exc}); "
+                         f"rebuild the store with `{extract_command(path, dict(group.attrs))}`") from None
 
 
 def _prefetch_file(path: Path) -> None:
@@ -509,24 +838,22 @@ def _create_group(
     for name in ("feats", "feats_flip") if layout["flips"] else ("feats",):
         group.create_array(
             name, shape=(n, c, grid_max, grid_max), dtype="float16", chunks=(1, c, grid_max, grid_max),
-            shards=(shard_images, c, grid_max, grid_max), filters=FILTERS, compressors=CODEC, fill_value=0,
+            shards=(shard_images, c, grid_max, grid_max), filters=(CELL_MAJOR,),
+            compressors=(*CODECS[layout["codec"]], Crc32cCodec()), fill_value=0, config=_WRITE,
         )
     # One chunk per store shard: each writer only ever touches the flags of its own shards.
-    group.create_array("done", shape=(n,), dtype="uint8", chunks=(shard_images,), fill_value=0)
-    group.create_array("transforms", shape=(n, 8), dtype="float64", chunks=(max(n, 1024), 8), fill_value=0)
+    group.create_array("done", shape=(n,), dtype="uint8", chunks=(shard_images,), fill_value=0,
+                       compressors=Crc32cCodec())
+    group.create_array("transforms", shape=(n, 8), dtype="float64", chunks=(max(n, 1024), 8), fill_value=0,
+                       compressors=Crc32cCodec())
     if n:
         group["transforms"][:] = transforms
     return group
 
 
-def _open_matching(path: Path, layout: dict, transforms: np.ndarray) -> FeatureStore:
-    """Open an existing (possibly incomplete) store if it holds the same configuration."""
-    store = open_store(path, complete=False)
-    found = dict(store.attrs, image_ids=store.image_ids)
-    check_attrs(path, found, {k: v for k, v in layout.items() if k != "versions"})
-    if not np.array_equal(store._transforms, transforms):
-        raise StoreMismatch(f"{path}: feature store made with other per-image transforms (image sizes differ)")
-    return store
+def _transform_table(transforms: Sequence[CellTransform]) -> np.ndarray:
+    """``[N, 8]`` float64."""
+    return np.stack([t.to_array() for t in transforms]) if transforms else np.zeros((0, 8))
 
 
 def _check_required(path: Path, attrs: dict) -> None:

@@ -70,6 +70,29 @@ def grid_figure(rows: list[dict], threshold_alpha: float, title: str):
     return fig
 
 
+def bar_chart(table, title: str):
+    """Grouped horizontal bars: one group per category, one bar per variant.
+    ``table``: rows category, variant, pck_img (percent), as `report.category_chart_table`."""
+    categories = list(dict.fromkeys(table["category"]))
+    variants = list(dict.fromkeys(table["variant"]))
+    height = 0.8 / max(len(variants), 1)
+    fig, ax = plt.subplots(figsize=(8.0, 1.2 + 0.3 * len(categories) * max(len(variants), 1) ** 0.5))
+    positions = np.arange(len(categories))
+    for k, variant in enumerate(variants):
+        rows = table[table["variant"] == variant].set_index("category")
+        values = [rows["pck_img"].get(c, np.nan) for c in categories]
+        ax.barh(positions + (k - (len(variants) - 1) / 2) * height, values, height, label=variant,
+                color=plt.cm.tab10(k % 10))
+    ax.set_yticks(positions, categories, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("PCK@0.1 per image (%)")
+    ax.set_xlim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig, path: Path) -> Path:
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=90)

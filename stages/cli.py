@@ -1,13 +1,15 @@
 """`semcorr <stage>`: every DVC stage, callable by hand with the same arguments as dvc.yaml.
 
-Only the stage being run is imported (a DVC repro starts this CLI once per stage, and
-the backbone libraries are slow to import); `semcorr --help` imports them all.
+Only the stage being run is imported, and stage modules import their heavy libraries
+(torch, zarr, pandas, backbone libraries) inside the work, so `semcorr --help` and
+`semcorr <stage> --help` start in about a second (`benchmarks/cli_startup.py`).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import typer
 
@@ -16,31 +18,41 @@ STAGES = {
     "download": ("semcorr.stages.download", "command", "Fetch a dataset or backbone checkpoint (checksummed) into data/raw or data/weights."),
     "prepare": ("semcorr.stages.prepare", "command", "Parse a dataset into data/prepared/<dataset>/{pairs,images}.parquet."),
     "extract": ("semcorr.stages.extract", "command", "Dense features of every image of a dataset into a zarr store."),
+    "verify": ("semcorr.stages.verify", "command", "Check every shard and checksum of a feature store; say how to repair it."),
     "finetune": ("semcorr.stages.finetune", "command", "Fine-tune the last N blocks of a backbone with Gaussian cross-entropy."),
-    "match": ("semcorr.stages.match", "command", "Predict target keypoints from cached features (argmax / soft-argmax)."),
-    "evaluate": ("semcorr.stages.evaluate", "command", "PCK per image and per point from a predictions table."),
-    "report": ("semcorr.stages.report", "command", "Summary table, text reports and pictures over everything evaluated."),
+    "match": ("semcorr.stages.match", "command", "Predict target keypoints from cached features (argmax, then soft-argmax)."),
+    "evaluate": ("semcorr.stages.evaluate", "command", "PCK per image and per point from a predictions folder."),
+    "report": ("semcorr.stages.report", "command", "Summary table, text reports, charts and pictures over every evaluation."),
     "visualize": ("semcorr.stages.report", "visualize_command", "Draw one pair: ground truth against prediction."),
     "workspace": ("semcorr.stages.workspace", "command", "Create or refresh a self-contained git+DVC workspace (used by `make demo`)."),
 }
 
+HELP = ("semcorr: cache-first semantic-correspondence evaluation and fine-tuning. "
+        "Stages in DAG order: download, prepare, extract, finetune, match, evaluate, report.")
 
-def build_app(names: list[str]) -> typer.Typer:
-    app = typer.Typer(
-        help="semcorr: cache-first semantic-correspondence evaluation and fine-tuning. "
-        "Stages in DAG order: download, prepare, extract, finetune, match, evaluate, report.",
-        no_args_is_help=True,
-        pretty_exceptions_enable=False,
-        add_completion=False,
-    )
-    # a callback keeps the app a command group even when one stage is registered
-    app.callback()(lambda: None)
-    for name in names:
-        module, function, help_text = STAGES[name]
-        app.command(name, help=help_text)(getattr(importlib.import_module(module), function))
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    rows = "\n".join(f"  {name:<{width}}  {help_text}" for name, (_, _, help_text) in STAGES.items())
+    return (f"Usage: semcorr STAGE [OPTIONS]...\n\n{HELP}\n\nStages:\n{rows}\n\n"
+            "`semcorr STAGE --help` shows a stage's options.\n")
+
+
+def stage_app(name: str) -> typer.Typer:
+    """A Typer app holding only stage ``name`` (importing only its module)."""
+    module, function, help_text = STAGES[name]
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command(name, help=help_text)(getattr(importlib.import_module(module), function))
     return app
 
 
-def main() -> None:
-    requested = sys.argv[1] if len(sys.argv) > 1 else None
-    build_app([requested] if requested in STAGES else list(STAGES))()
+def main(argv: list[str] | None = None) -> None:
+    warnings.filterwarnings("ignore", message="The pynvml package is deprecated")  # via torch.cuda
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage(), end="")
+        return
+    if args[0] not in STAGES:
+        print(f"semcorr: unknown stage {args[0]!r}\n\n{usage()}", end="", file=sys.stderr)
+        raise SystemExit(2)
+    stage_app(args[0])(args=args[1:], prog_name=f"semcorr {args[0]}")

@@ -1,5 +1,9 @@
-"""Stage `download`: one dataset -> ``data/raw/<name>/``, or one backbone's weights ->
-``data/weights/<name>/``, or the embedded synthetic set -> ``data/raw/synthetic/``."""
+"""Stage `download`: one dataset -> ``data/raw/<name>/``, one backbone's weights ->
+``data/weights/<name>/``, or the embedded synthetic set -> ``data/raw/synthetic/``.
+
+Copies of a local ``source`` are reflinks where the file system supports them, else
+plain copies, so nothing under ``data/`` shares its bytes with the user's mirror.
+"""
 
 from __future__ import annotations
 
@@ -7,44 +11,49 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from semcorr.pipeline.datasets import DatasetError, synthetic
-from semcorr.pipeline.download import CONNECT_TIMEOUT, DATASETS, DownloadError, download_dataset, download_weights
-from semcorr.stages.params import DEFAULT_PARAMS, load_params, section
-
-console = Console(stderr=True)
+from semcorr.stages.common import DATA, clean_errors, console
+from semcorr.stages.params import DEFAULT_PARAMS, load_params
 
 
-def main(name: str, conf: dict, data_root: Path = Path("data"), connect_timeout: float = CONNECT_TIMEOUT) -> Path:
-    """``conf``: ``download.<name>`` for a dataset (or ``synthetic``), ``backbone.<name>`` for a backbone."""
+def main(name: str, conf: dict, data_root: Path = DATA, force: bool = False) -> Path:
+    """``conf``: params ``download.<name>`` for a dataset (or synthetic), ``backbone.<name>.weights``
+    for a backbone (keys checkpoint, source, sha256, random_init)."""
+    from semcorr.pipeline.download import DATASETS, download_dataset, download_weights
+
     data_root = Path(data_root)
-    source = Path(conf["source"]) if conf.get("source") else None
     if name == "synthetic":
-        return synthetic.generate(data_root / "raw" / name, conf)
+        from semcorr.pipeline.datasets import synthetic
+        from semcorr.pipeline.io import staged, work_root
+
+        out = data_root / "raw" / name
+        with staged(out, work_root(data_root)) as tmp:
+            synthetic.generate(tmp, conf)
+        return out
+    source = Path(conf["source"]) if conf.get("source") else None
     if name in DATASETS:
-        return download_dataset(name, data_root / "raw" / name, source, data_root / "downloads", connect_timeout)
-    checkpoint = None if conf.get("family") == "daisy" else conf.get("checkpoint")
-    return download_weights(name, data_root / "weights" / name, checkpoint, source,
-                            bool(conf.get("random_init", False)), data_root / "downloads", connect_timeout)
+        return download_dataset(name, data_root / "raw" / name, source, data_root / "downloads", force=force)
+    return download_weights(name, data_root / "weights" / name, conf.get("checkpoint"), source,
+                            bool(conf.get("random_init")), sha256=conf.get("sha256"),
+                            cache_dir=data_root / "downloads", force=force)
 
 
 def command(
     name: Annotated[str, typer.Argument(help="dataset key (download.<name>), backbone key (backbone.<name>) or 'synthetic'")],
+    force: Annotated[bool, typer.Option(help="fetch or copy again even if the output looks complete")] = False,
     params: Annotated[Path, typer.Option(help="params file")] = DEFAULT_PARAMS,
 ) -> None:
     """Download (or copy from its `source`) one dataset or one backbone's weights, checksummed."""
-    config = load_params(params)
-    if name in config.get("download", {}):
-        conf = section(config, "download", name)
-    elif name in config.get("backbone", {}):
-        conf = section(config, "backbone", name)
-    else:
-        console.print(f"[red]error:[/] {params} has neither `download.{name}` nor `backbone.{name}`")
-        raise typer.Exit(1)
-    try:
-        out = main(name, conf or {})
-    except (DownloadError, DatasetError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-    console.print(f"wrote {out}")
+    with clean_errors():
+        p = load_params(params)
+        datasets = [d for d in type(p.download).model_fields if getattr(p.download, d) is not None]
+        if name in datasets:
+            conf = getattr(p.download, name).model_dump()
+        elif name in p.backbone:
+            conf = p.backbone[name].weights.model_dump()
+        else:
+            raise KeyError(f"{params}: {name!r} is neither a dataset with a `download.<name>` section "
+                           f"({', '.join(datasets)}) nor a backbone with a `backbone.<name>` section "
+                           f"({', '.join(p.backbone)})")
+        out = main(name, conf, force=force)
+        console.print(f"wrote {out}")

@@ -1,67 +1,84 @@
-"""Stage `evaluate`: ``data/predictions/<V>/<D>/<method>.parquet`` + the pair table ->
-``data/eval/<V>/<D>/<method>/`` (metrics.json, per_category.csv, reports/phase{X}_<method>_{image,kpt}_report.txt).
+"""Stage `evaluate`: ``data/predictions/<V>/<D>/<method>/`` + the pair table ->
+``data/eval/<V>/<D>/<method>/``, written as one unit::
 
-Reads only tables: never an image, a feature or a backbone.
+    metrics.json       numbers only: pck_img@<alpha>, pck_pt@<alpha>, counts (dvc metrics, exp show)
+    setting.json       what they were measured under: protocol, match params, store attrs, phase
+    per_category.csv   PCK per category and alpha
+    reports/phase{X}_<method>_{image,kpt}_report.txt
+
+Refuses predictions whose recorded settings (split, pair table, match params) differ from
+params. Reads only tables: never an image, a feature or a backbone (nor torch).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
-from rich.console import Console
 
-from semcorr.pipeline.io import atomic_path, write_json
-from semcorr.pipeline.pck import DEFAULT_ALPHAS, evaluate_predictions
-from semcorr.pipeline.report import metrics_dict, per_category_table, phase, report_name, text_report
-from semcorr.pipeline.tables import TableError, read_pairs
-from semcorr.stages.match import predictions_dir
-from semcorr.stages.params import DEFAULT_PARAMS, load_params, section
-
-console = Console(stderr=True)
+from semcorr.stages.common import DATA, clean_errors, console
+from semcorr.stages.params import DEFAULT_PARAMS, load_params
 
 
 def eval_dir(data_root: Path, variant: str, dataset: str, method: str) -> Path:
     return Path(data_root) / "eval" / variant / dataset / method
 
 
-def main(
-    dataset: str, variant: str, method: str, alphas=DEFAULT_ALPHAS, split: str = "test", data_root: Path = Path("data")
-) -> Path:
-    """PCK of one predictions table; returns the output folder."""
+def main(dataset: str, variant: str, method: str, alphas, split: str = "test", match_conf: dict | None = None,
+         data_root: Path = DATA) -> Path:
+    """PCK of one predictions folder; returns the evaluation folder. ``match_conf``: params
+    ``match`` (the sections the method reads are checked against the recorded ones)."""
+    import pandas as pd
+
+    from semcorr.pipeline.io import staged, work_root, write_json
+    from semcorr.pipeline.pck import evaluate_predictions
+    from semcorr.pipeline.report import metrics_dict, per_category_table, phase, report_name, text_report
+    from semcorr.pipeline.tables import TableError, read_pairs
+    from semcorr.pipeline.weights import sha256_file
+    from semcorr.stages.match import predictions_dir, read_setting
+
     data_root = Path(data_root)
-    pred_path = predictions_dir(data_root, variant, dataset) / f"{method}.parquet"
-    setting_path = pred_path.with_suffix(".json")
-    for path in (pred_path, setting_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; run `semcorr match --dataset {dataset} --variant {variant} --method {method}` first")
-    setting = json.loads(setting_path.read_text())
-    pairs = read_pairs(data_root / "prepared" / dataset, split)
-    predictions = pd.read_parquet(pred_path)
+    prepared = data_root / "prepared" / dataset
+    pairs = read_pairs(prepared, split)
+    expect = {"split": split, "pairs_sha256": sha256_file(prepared / "pairs.parquet")}
+    if match_conf is not None:
+        sections = ("argmax",) if method == "argmax" else ("argmax", method)
+        expect["match"] = {name: dict(match_conf[name]) for name in sections}
+    folder = predictions_dir(data_root, variant, dataset, method)
+    setting = read_setting(folder, expect)
+    predictions = pd.read_parquet(folder / "predictions.parquet")
     try:
         overall, per_category = evaluate_predictions(pairs, predictions, alphas)
     except KeyError as exc:
-        raise TableError(f"{pred_path}: {exc.args[0]} (predictions made for another pair table or split?)") from None
+        raise TableError(f"{folder}: {exc.args[0]} (predictions made for another pair table or split?)") from None
+    setting.pop("files", None)
     setting.update(
-        split=split,
+        alphas=[float(a) for a in alphas],
         norm_kind=",".join(sorted(pairs["norm_kind"].unique())),
         phase=phase(method, setting.get("train_dataset"), dataset),
     )
-    if setting.get("match", {}).get("mutual"):
+    extra = {}
+    if setting["match"]["argmax"].get("mutual"):
         visible = predictions["visible"].to_numpy(bool)
-        setting["mutual_reliable"] = float(predictions["reliable"].to_numpy(bool)[visible].mean()) if visible.any() else None
+        reliable = predictions["reliable"].to_numpy(bool)[visible]
+        setting["mutual_reliable"] = extra["mutual_reliable"] = float(reliable.mean()) if visible.any() else None
     out = eval_dir(data_root, variant, dataset, method)
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        write_json(tmp / "metrics.json", metrics_dict(setting, overall))
+    with staged(out, work_root(data_root)) as tmp:
+        (tmp / "reports").mkdir(parents=True)
+        write_json(tmp / "metrics.json", metrics_dict(overall, extra))
+        write_json(tmp / "setting.json", setting)
         per_category_table(overall, per_category).to_csv(tmp / "per_category.csv", index=False)
-        (tmp / "reports").mkdir()
         for kind in ("image", "kpt"):
-            (tmp / "reports" / report_name(setting["phase"], method, kind)).write_text(text_report(kind, setting, overall, per_category))
+            (tmp / "reports" / report_name(setting["phase"], method, kind)).write_text(
+                text_report(kind, setting, overall, per_category))
+    console.print(f"evaluate {variant}/{dataset}/{method}: PCK@0.1 per image "
+                  f"{_percent(overall.image.get(0.1))} over {overall.n_pairs} pairs; wrote {out}")
     return out
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None or value != value else f"{100 * value:.2f}%"
 
 
 def command(
@@ -71,10 +88,8 @@ def command(
     params: Annotated[Path, typer.Option(help="params file")] = DEFAULT_PARAMS,
 ) -> None:
     """PCK per image and per point, overall and per category."""
-    try:
+    with clean_errors():
         p = load_params(params)
-        out = main(dataset, variant, method, section(p, "evaluate", "alphas"), str(section(p, "evaluate", "split")))
-    except (TableError, KeyError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-    console.print(f"wrote {out}")
+        p.dataset(dataset)
+        p.variant(variant)
+        main(dataset, variant, method, p.evaluate.alphas, p.evaluate.split, p.match.model_dump())

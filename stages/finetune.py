@@ -1,26 +1,25 @@
-"""Stage `finetune`: train the last N blocks of ``backbone.<B>`` on ``finetune.train_dataset``
--> ``data/weights/<B>_ft<N>/`` (model.pth, weights.json) and ``data/finetune/<B>_ft<N>/``
-(curve.csv, prefix.zarr, state/)."""
+"""Stage `finetune`: train the last N blocks of ``backbone.<B>`` on ``finetune.train_dataset``.
+
+Outputs (each written as one unit when training ends)::
+
+    data/weights/<B>_ft<N>/      model.pth (full state dict), weights.json (sha256, best epoch, base)
+    data/finetune/<B>_ft<N>/state/  state.pt (last epoch's training state), curve.csv
+    data/finetune/<B>_ft<N>/live/   dvclive: metrics.json and plots/metrics/*.tsv, written every epoch
+
+Work in progress (per-epoch resume state, prefix cache) lives in
+``data/.semcorr/partial/finetune/<B>_ft<N>/``: a killed run resumes from its last epoch.
+"""
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from semcorr.pipeline.backbones import build_backbone
-from semcorr.pipeline.extract import resolve_device
-from semcorr.pipeline.finetune import FinetuneError, default_conf, finetune, save_tuned
-from semcorr.pipeline.prefix_cache import PrefixCacheError
-from semcorr.pipeline.tables import TableError, read_images, read_pairs
-from semcorr.pipeline.weights import WeightsError
-from semcorr.stages.extract import backbone_spec
-from semcorr.stages.params import DEFAULT_PARAMS, load_params, section
-
-console = Console(stderr=True)
+from semcorr.stages.common import DATA, clean_errors, console
+from semcorr.stages.params import DEFAULT_PARAMS, load_params
 
 # finetune params that belong to the stage, not to the training loop
 STAGE_KEYS = ("train_dataset", "device")
@@ -30,38 +29,66 @@ def tuned_variant(backbone: str, depth: int) -> str:
     return f"{backbone}_ft{depth}"
 
 
-def main(backbone: str, depth: int, params: dict, data_root: Path = Path("data")) -> Path:
-    """Fine-tune ``backbone`` (a ``backbone.<key>`` of ``params``) at ``depth``; returns the
-    tuned weights folder ``<data_root>/weights/<backbone>_ft<depth>``."""
+def main(backbone: str, depth: int, model: dict, ft: dict, data_root: Path = DATA) -> Path:
+    """Fine-tune ``backbone`` (``model`` = params ``backbone.<key>.model``, ``ft`` = params
+    ``finetune``) at ``depth``; returns the tuned weights folder."""
+    from semcorr.pipeline.backbones import build_backbone
+    from semcorr.pipeline.extract import resolve_device
+    from semcorr.pipeline.finetune import finetune, save_tuned, write_curve
+    from semcorr.pipeline.io import staged, work_root
+    from semcorr.pipeline.tables import read_images, read_pairs
+    from semcorr.stages.extract import backbone_spec
+
     data_root = Path(data_root)
-    ft = dict(section(params, "finetune"))
-    spec, _ = backbone_spec(backbone, section(params, "backbone", backbone), data_root / "weights" / backbone)
+    variant = tuned_variant(backbone, depth)
+    spec, _ = backbone_spec(model, data_root / "weights" / backbone)
     prepared = data_root / "prepared" / ft["train_dataset"]
     pairs, images = read_pairs(prepared), read_images(prepared)
-    conf = {k: v for k, v in ft.items() if k not in STAGE_KEYS}
-    unknown = set(conf) - set(default_conf)
-    if unknown:
-        raise FinetuneError(f"params.yaml `finetune` has unknown keys {sorted(unknown)}")
-    conf["depth"] = int(depth)
-    variant = tuned_variant(backbone, depth)
-    model = build_backbone(spec)
+    conf = {k: v for k, v in ft.items() if k not in STAGE_KEYS} | {"depth": int(depth)}
+    work = work_root(data_root) / "partial" / "finetune" / variant
+    live_dir = data_root / "finetune" / variant / "live"
+    live = DvcLiveCurve(live_dir)
     result = finetune(
-        model, pairs[pairs["split"] == "trn"], pairs[pairs["split"] == "val"], images,
-        data_root / "finetune" / variant, conf, resolve_device(ft.get("device", "auto")),
+        build_backbone(spec), pairs[pairs["split"] == "trn"], pairs[pairs["split"] == "val"], images, work, conf,
+        resolve_device(ft["device"]), on_row=live, log=lambda line: console.print(line, highlight=False),
     )
     meta = {
-        "source": "finetune",
-        "base": backbone,
-        "base_sha256": spec.sha256,
-        "base_random_init": spec.random_init,
-        "depth": int(depth),
-        "train_dataset": ft["train_dataset"],
-        "best_epoch": result.best_epoch,
-        "best_val_pck": result.best_val_pck,
-        "base_val_pck": result.base_val_pck,
-        "trained_parameters": result.trainable,
+        "source": "finetune", "base": backbone, "base_sha256": spec.sha256, "depth": int(depth),
+        "random_init": spec.random_init,  # tuned from an untrained base: still not a trained model
+        "train_dataset": ft["train_dataset"], "best_epoch": result.best_epoch, "best_val_pck": result.best_val_pck,
+        "base_val_pck": result.base_val_pck, "trained_parameters": result.trainable,
     }
-    return save_tuned(data_root / "weights" / variant, result.state_dict, meta)
+    out = save_tuned(data_root / "weights" / variant, result.state_dict, meta, work_root(data_root))
+    with staged(data_root / "finetune" / variant / "state", work_root(data_root)) as state:
+        state.mkdir(parents=True)
+        shutil.copy2(work / "state" / "state.pt", state / "state.pt")
+        write_curve(state / "curve.csv", result.curve)
+    shutil.rmtree(work)  # finished: the outputs hold it now; a re-run trains afresh
+    console.print(f"wrote {out}: best epoch {result.best_epoch}, val PCK {result.best_val_pck:.4f} "
+                  f"(untuned {result.base_val_pck:.4f})")
+    return out
+
+
+class DvcLiveCurve:
+    """dvclive logger of the curve: one step per epoch (epoch 0 = the untuned backbone)."""
+
+    def __init__(self, folder: Path):
+        import warnings
+
+        with warnings.catch_warnings():  # dvclive imports pynvml, which warns about itself
+            warnings.simplefilter("ignore", FutureWarning)
+            from dvclive import Live
+        if folder.exists():
+            shutil.rmtree(folder)  # the run's rows are replayed from the resume state
+        self.live = Live(dir=str(folder), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+
+    def __call__(self, row: dict) -> None:
+        self.live.step = int(row["epoch"])
+        for name in ("val_pck", "loss", "lr"):
+            value = row[name]
+            if value == value:  # the untuned row has no loss
+                self.live.log_metric(name, float(value))
+        self.live.next_step()
 
 
 def command(
@@ -70,13 +97,7 @@ def command(
     params: Annotated[Path, typer.Option(help="params file")] = DEFAULT_PARAMS,
 ) -> None:
     """Fine-tune the last N blocks of a backbone with Gaussian cross-entropy."""
-    try:
-        out = main(backbone, depth, load_params(params))
-    except (FinetuneError, PrefixCacheError, TableError, WeightsError, FileNotFoundError, KeyError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-    info = json.loads((out / "weights.json").read_text())
-    console.print(
-        f"wrote {out}: best epoch {info['best_epoch']}, val PCK@0.1 {info['best_val_pck']:.4f} "
-        f"(untuned {info['base_val_pck']:.4f})"
-    )
+    with clean_errors():
+        p = load_params(params)
+        p.variant(tuned_variant(backbone, depth))
+        main(backbone, depth, p.backbone_conf(backbone).model.model_dump(), p.finetune.model_dump())

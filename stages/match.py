@@ -1,9 +1,17 @@
-"""Stage `match`: ``data/features/<V>/<D>.zarr`` + ``data/prepared/<D>/pairs.parquet`` ->
-``data/predictions/<V>/<D>/<method>.{parquet,h5,json}``.
+"""Stage `match`: feature store + pair table -> ``data/predictions/<V>/<D>/<method>/``.
+
+``--method argmax`` reads ``data/features/<V>/<D>.zarr`` (refusing a store made with other
+settings than params say), computes the similarities once and writes the argmax matches
+plus the similarity windows around each (``windows.npz``). ``--method softargmax`` refines
+those from the windows alone: no feature is read, so a soft-argmax setting never re-runs
+the argmax. Each method's folder is written as one unit::
+
+    predictions.parquet  pair_id, kp_index, x, y (original target pixels), score, reliable, visible
+    matches.h5           the same in hloc's match-file layout (`pipeline.export`)
+    windows.npz          argmax only: peaks, windows, grids, transforms (`pipeline.matching.Matches`)
+    setting.json         what made it: match params, store attrs, split, pair table and file sha256s
 
 Reads only the feature cache and the pair table: never an image or a backbone.
-The ``.json`` sidecar records the setting (match params, store attrs, training dataset
-of tuned weights) for the evaluate stage's reports.
 """
 
 from __future__ import annotations
@@ -13,71 +21,151 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from semcorr.pipeline.export import write_matches_h5
-from semcorr.pipeline.io import atomic_path, write_json
-from semcorr.pipeline.matching import METHODS, check_conf, match_pairs
-from semcorr.pipeline.store import StoreError, open_store
-from semcorr.pipeline.tables import TableError, read_pairs
-from semcorr.stages.params import DEFAULT_PARAMS, load_params, section
+from semcorr.stages.common import DATA, clean_errors, console, expected_store_attrs, weights_info
+from semcorr.stages.params import DEFAULT_PARAMS, METHODS, load_params
 
-console = Console(stderr=True)
 # Store attrs copied into the setting every report states.
-SETTING_ATTRS = ("backbone", "family", "random_init", "weights_sha256", "layer", "input_size", "resize", "patch_size")
+SETTING_ATTRS = ("backbone", "family", "model", "random_init", "weights_sha256", "layer", "input_size", "resize",
+                 "patch_size", "tuned_depth")
 
 
-def predictions_dir(data_root: Path, variant: str, dataset: str) -> Path:
-    return Path(data_root) / "predictions" / variant / dataset
+def predictions_dir(data_root: Path, variant: str, dataset: str, method: str) -> Path:
+    return Path(data_root) / "predictions" / variant / dataset / method
 
 
-def train_dataset(data_root: Path, variant: str, store_attrs: dict) -> str | None:
-    """Dataset the variant's weights were fine-tuned on (store attrs, else its weights.json); None if not tuned."""
-    if store_attrs.get("train_dataset"):
-        return str(store_attrs["train_dataset"])
-    weights_json = Path(data_root) / "weights" / variant / "weights.json"
-    if weights_json.is_file():
-        return json.loads(weights_json.read_text()).get("train_dataset")
-    return None
-
-
-def main(
-    dataset: str, variant: str, method: str, conf: dict, split: str = "test", data_root: Path = Path("data")
-) -> Path:
-    """Match every ``split`` pair of ``dataset`` with the ``variant`` features; returns the parquet path."""
-    conf = check_conf({**conf, "method": method})
+def main(dataset: str, variant: str, method: str, conf: dict, split: str = "test", expect: dict | None = None,
+         data_root: Path = DATA) -> Path:
+    """Match the ``split`` pairs of ``dataset`` with the ``variant`` features; returns the
+    method's folder. ``conf``: ``{"argmax": {...}, "softargmax": {...}}`` (params ``match``);
+    ``expect``: store attrs the store must have (`expected_store_attrs`)."""
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     data_root = Path(data_root)
-    store = open_store(data_root / "features" / variant / f"{dataset}.zarr")
-    pairs = read_pairs(data_root / "prepared" / dataset, split)
-    if pairs.empty:
-        raise TableError(f"{data_root / 'prepared' / dataset / 'pairs.parquet'}: no pairs in split {split!r}")
-    predictions = match_pairs(store, pairs, conf)
-    out_dir = predictions_dir(data_root, variant, dataset)
-    out = out_dir / f"{method}.parquet"
-    with atomic_path(out) as tmp:
-        predictions.to_parquet(tmp, index=False)
-    write_matches_h5(out_dir / f"{method}.h5", pairs, predictions)
+    if method == "argmax":
+        return _argmax(dataset, variant, dict(conf["argmax"]), split, expect, data_root)
+    return _softargmax(dataset, variant, conf, split, data_root)
+
+
+def _argmax(dataset: str, variant: str, conf: dict, split: str, expect: dict | None, data_root: Path) -> Path:
+    import numpy as np
+
+    from semcorr.pipeline.matching import check_conf, match_pairs
+    from semcorr.pipeline.store import open_store
+
+    conf = check_conf(conf)
+    pairs, pairs_sha = _pairs(data_root, dataset, split)
+    store = open_store(data_root / "features" / variant / f"{dataset}.zarr", expect=expect)
+    console.print(f"match {variant}/{dataset}: argmax over {len(pairs)} {split} pairs")
+    matches = match_pairs(store, pairs, conf, log=lambda line: console.print(line, highlight=False))
     setting = {
-        "variant": variant, "dataset": dataset, "method": method, "split": split,
-        "match": {k: v for k, v in conf.items() if k != "method"},
+        "variant": variant, "dataset": dataset, "method": "argmax", "split": split, "pairs_sha256": pairs_sha,
+        "match": {"argmax": conf},
         **{k: store.attrs.get(k) for k in SETTING_ATTRS},
-        "train_dataset": train_dataset(data_root, variant, store.attrs),
+        "train_dataset": _train_dataset(data_root, variant),
     }
-    write_json(out_dir / f"{method}.json", setting)
+    return _write(data_root, variant, dataset, "argmax", pairs, matches.table, setting,
+                  extra=lambda folder: np.savez(folder / "windows.npz", **matches.arrays()))
+
+
+def _softargmax(dataset: str, variant: str, conf: dict, split: str, data_root: Path) -> Path:
+    import numpy as np
+    import pandas as pd
+
+    from semcorr.pipeline.matching import Matches, check_conf, default_soft_conf, refine
+
+    soft = check_conf(dict(conf["softargmax"]), default_soft_conf)
+    pairs, pairs_sha = _pairs(data_root, dataset, split)
+    source = predictions_dir(data_root, variant, dataset, "argmax")
+    argmax = read_setting(source, expect={"split": split, "pairs_sha256": pairs_sha,
+                                          "match": {"argmax": dict(conf["argmax"])}})
+    with np.load(source / "windows.npz", allow_pickle=False) as arrays:
+        matches = Matches.from_arrays(pd.read_parquet(source / "predictions.parquet"), arrays)
+    console.print(f"match {variant}/{dataset}: soft-argmax of {len(matches.table)} argmax matches")
+    setting = {**argmax, "method": "softargmax", "match": {**argmax["match"], "softargmax": soft}}
+    return _write(data_root, variant, dataset, "softargmax", pairs, refine(matches, soft), setting)
+
+
+def _pairs(data_root: Path, dataset: str, split: str):
+    from semcorr.pipeline.tables import TableError, read_pairs
+    from semcorr.pipeline.weights import sha256_file
+
+    prepared = data_root / "prepared" / dataset
+    pairs = read_pairs(prepared, split)
+    if pairs.empty:
+        raise TableError(f"{prepared / 'pairs.parquet'}: no pairs in split {split!r}")
+    return pairs, sha256_file(prepared / "pairs.parquet")
+
+
+def _write(data_root: Path, variant: str, dataset: str, method: str, pairs, table, setting: dict, extra=None) -> Path:
+    from semcorr.pipeline.export import write_matches_h5
+    from semcorr.pipeline.io import staged, work_root, write_json
+    from semcorr.pipeline.weights import sha256_file
+
+    out = predictions_dir(data_root, variant, dataset, method)
+    with staged(out, work_root(data_root)) as folder:
+        folder.mkdir(parents=True)
+        table.to_parquet(folder / "predictions.parquet", index=False)
+        write_matches_h5(folder / "matches.h5", pairs, table)
+        if extra is not None:
+            extra(folder)
+        files = {f.name: sha256_file(f) for f in sorted(folder.iterdir())}
+        write_json(folder / "setting.json", {**setting, "files": files})
+    console.print(f"wrote {out}")
     return out
+
+
+def read_setting(folder: Path, expect: dict) -> dict:
+    """``folder/setting.json`` of a predictions folder, after checking that every file it
+    lists has its recorded sha256 and that the settings in ``expect`` are the recorded ones."""
+    from semcorr.pipeline.weights import sha256_file
+
+    path = Path(folder) / "setting.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no predictions (no setting.json); run `semcorr match` for it first")
+    setting = json.loads(path.read_text())
+    for name, digest in setting.get("files", {}).items():
+        if not (folder / name).is_file() or sha256_file(folder / name) != digest:
+            raise ValueError(f"{folder / name}: missing or not the file {path.name} describes; re-run `semcorr match`")
+    recorded = _flatten(setting)
+    differing = [f"{key}: made with {recorded.get(key)!r}, params say {value!r}"
+                 for key, value in _flatten(expect).items() if recorded.get(key) != value]
+    if differing:
+        raise ValueError(f"{folder}: predictions made with other settings than params ({'; '.join(differing)}); "
+                         "re-run `semcorr match` first")
+    return setting
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _train_dataset(data_root: Path, variant: str) -> str | None:
+    """Dataset the variant's weights were fine-tuned on (its weights record); None if not tuned."""
+    path = Path(data_root) / "weights" / variant / "weights.json"
+    return json.loads(path.read_text()).get("train_dataset") if path.is_file() else None
 
 
 def command(
     dataset: Annotated[str, typer.Option(help="dataset key, e.g. spair")],
     variant: Annotated[str, typer.Option(help="feature variant: backbone key or <backbone>_ft<N>")],
-    method: Annotated[str, typer.Option(help=f"one of {', '.join(METHODS)}")] = "argmax",
+    method: Annotated[str, typer.Option(help=f"one of {', '.join(METHODS)} (softargmax refines the argmax)")] = "argmax",
     params: Annotated[Path, typer.Option(help="params file")] = DEFAULT_PARAMS,
 ) -> None:
     """Predict target keypoints of every pair from cached features."""
-    try:
+    with clean_errors():
         p = load_params(params)
-        out = main(dataset, variant, method, dict(section(p, "match")), str(section(p, "evaluate", "split")))
-    except (StoreError, TableError, KeyError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-    console.print(f"wrote {out}")
+        p.dataset(dataset)
+        key, tuned = p.variant(variant)
+        expect = None
+        if method == "argmax":
+            model = p.backbone_conf(key).model.model_dump()
+            expect = expected_store_attrs(key, variant, tuned, model, weights_info(DATA, variant), dataset,
+                                          p.extract.flips)
+        main(dataset, variant, method, p.match.model_dump(), p.evaluate.split, expect)

@@ -1,9 +1,16 @@
-"""Stage `report`: every ``data/eval/*/*/*/metrics.json`` -> ``results/`` (summary.md,
-summary.csv, metrics.json) and, optionally, pictures of predictions (``results/pictures/``).
+"""Stage `report`: every evaluation of the study (``datasets`` x variants x ``methods``)
+-> ``results/``, written as one unit::
+
+    summary.md, summary.csv   one row per evaluation, with its protocol (normaliser, alpha, counts, random-init)
+    metrics.json              PCK@0.1 per image of each evaluation, compact (numbers only; for `dvc exp show`)
+    reports/<V>/<D>/          the evaluations' text reports
+    plots/pck/<D>_<method>.csv  PCK@0.1 per category, one row per (category, variant): DVC bar charts
+    charts/pck_<D>_<method>.png the same drawn with matplotlib (image plots)
+    pictures/<V>/<D>/<method>/  pairs (ground truth against prediction, baseline beside tuned), category grids
 
 Pictures are the one place that reads images (the image table has their paths); with
-``report.max_pair_pictures`` and ``report.pictures_per_category`` at 0 no image is read
-and no plotting library is imported. `visualize_command` draws one pair.
+``report.max_pair_pictures`` and ``report.pictures_per_category`` at 0 no image is read.
+`visualize_command` draws one pair.
 """
 
 from __future__ import annotations
@@ -14,66 +21,109 @@ import shutil
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
-import pandas as pd
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from semcorr.pipeline.io import atomic_path, write_json
-from semcorr.pipeline.report import base_variant, summary_markdown, summary_metrics, summary_table
-from semcorr.pipeline.tables import TableError, keypoints, read_images, read_pairs
-from semcorr.stages.match import predictions_dir
-from semcorr.stages.params import DEFAULT_PARAMS, load_params, section
+from semcorr.stages.common import DATA, clean_errors, console, steps
+from semcorr.stages.params import DEFAULT_PARAMS, load_params
 
-console = Console(stderr=True)
 PICTURE_ALPHA = 0.1  # correct (green) within 0.1 * pck_norm
+RESULTS = Path("results")
 
 
-def main(
-    data_root: Path = Path("data"),
-    results: Path = Path("results"),
-    pictures_per_category: int = 4,
-    max_pair_pictures: int = 20,
-) -> Path:
-    """Write the summary of every evaluation under ``<data_root>/eval``; returns ``results``."""
+def evaluations(params) -> list[tuple[str, str, str]]:
+    """(variant, dataset, method) of every evaluation the study's params define."""
+    variants = list(params.backbones) + [f"{k}_ft{d}" for k in params.finetune_backbones for d in params.finetune_depths]
+    return [(v, d, m) for v in variants for d in params.datasets for m in params.methods]
+
+
+def main(wanted: list[tuple[str, str, str]], data_root: Path = DATA, results: Path = RESULTS,
+         pictures_per_category: int = 4, max_pair_pictures: int = 20) -> Path:
+    """Write ``results`` from the evaluations ``wanted`` (variant, dataset, method); returns it."""
+    from semcorr.pipeline.io import staged, work_root, write_json
+    from semcorr.pipeline.report import summary_markdown, summary_table
+    from semcorr.stages.evaluate import eval_dir
+
     data_root, results = Path(data_root), Path(results)
-    table = summary_table(data_root / "eval")
-    if table.empty:
-        raise FileNotFoundError(f"{data_root / 'eval'}: no evaluations (*/*/*/metrics.json); run `semcorr evaluate` first")
-    results.mkdir(parents=True, exist_ok=True)
-    with atomic_path(results / "summary.md") as tmp:
-        tmp.write_text(summary_markdown(table))
-    with atomic_path(results / "summary.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    write_json(results / "metrics.json", summary_metrics(table))
-    collect_text_reports(data_root / "eval", results / "reports")
-    if max_pair_pictures > 0 or pictures_per_category > 0:
-        draw_pictures(table, data_root, results / "pictures", pictures_per_category, max_pair_pictures)
-    (results / "pictures").mkdir(exist_ok=True)
+    if not wanted:
+        raise ValueError("no evaluations to report (params list no dataset, variant or method)")
+    folders = [eval_dir(data_root, *key) for key in wanted]
+    missing = [f for f in folders if not (f / "metrics.json").is_file() or not (f / "setting.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: no evaluation ({len(missing)} of {len(folders)} missing); "
+                                "run `semcorr evaluate` for it first")
+    table = summary_table(folders)
+    with staged(results, work_root(data_root)) as out:
+        out.mkdir(parents=True)
+        (out / "summary.md").write_text(summary_markdown(table))
+        table.to_csv(out / "summary.csv", index=False)
+        write_json(out / "metrics.json", compact_metrics(table))
+        collect_text_reports(folders, out / "reports")
+        _category_charts(wanted, data_root, out, draw=max_pair_pictures > 0 or pictures_per_category > 0)
+        (out / "pictures").mkdir()
+        if max_pair_pictures > 0 or pictures_per_category > 0:
+            draw_pictures(wanted, data_root, out / "pictures", pictures_per_category, max_pair_pictures)
     print_table(table)
     return results
 
 
-def collect_text_reports(eval_root: Path, out: Path) -> Path:
-    """Every evaluation's phase reports, gathered as ``<out>/<variant>/<dataset>/phase*_report.txt``."""
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        for report in sorted(eval_root.glob("*/*/*/reports/*.txt")):
-            variant, dataset = report.parts[-5], report.parts[-4]
-            (tmp / variant / dataset).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(report, tmp / variant / dataset / report.name)
+def compact_metrics(table) -> dict:
+    """``{variant: {dataset: {method: {"pck_img@0.1": ...}}}}``: one number per evaluation.
+    DVC names its columns ``<variant>.<dataset>.<method>.pck_img@0.1``, unique, so
+    `dvc exp show` needs no file paths in its headers."""
+    out: dict = {}
+    for r in table.to_dict("records"):
+        value = r["pck_img@0.1"]
+        out.setdefault(r["variant"], {}).setdefault(r["dataset"], {})[r["method"]] = {
+            "pck_img@0.1": None if value != value else value}
     return out
 
 
-def print_table(table: pd.DataFrame) -> None:
-    view = Table(title="semcorr summary (PCK %)")
-    for column in table.columns:
+def collect_text_reports(folders: list[Path], out: Path) -> None:
+    """Every evaluation's phase reports, gathered as ``<out>/<variant>/<dataset>/phase*_report.txt``."""
+    for folder in folders:
+        variant, dataset = folder.parts[-3], folder.parts[-2]
+        (out / variant / dataset).mkdir(parents=True, exist_ok=True)
+        for report in sorted((folder / "reports").glob("*.txt")):
+            shutil.copy2(report, out / variant / dataset / report.name)
+
+
+def _category_charts(wanted, data_root: Path, out: Path, draw: bool) -> None:
+    """Per (dataset, method): PCK@0.1 per category of every variant, as a CSV for DVC's bar
+    template and (when pictures are on) as a PNG chart."""
+    import pandas as pd
+
+    from semcorr.pipeline.report import category_chart_table
+    from semcorr.stages.evaluate import eval_dir
+
+    (out / "plots" / "pck").mkdir(parents=True)
+    (out / "charts").mkdir()
+    groups: dict[tuple[str, str], list[str]] = {}
+    for variant, dataset, method in wanted:
+        groups.setdefault((dataset, method), []).append(variant)
+    for (dataset, method), variants in groups.items():
+        tables = {v: pd.read_csv(eval_dir(data_root, v, dataset, method) / "per_category.csv") for v in variants}
+        chart = category_chart_table(tables)
+        chart[["label", "pck_img"]].to_csv(out / "plots" / "pck" / f"{dataset}_{method}.csv", index=False)
+        if draw:
+            from semcorr.pipeline import visualize
+
+            title = f"{dataset} / {method}: PCK@0.1 per image (%), per category"
+            visualize.save(visualize.bar_chart(chart, title), out / "charts" / f"pck_{dataset}_{method}.png")
+
+
+def print_table(table) -> None:
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = ["variant", "phase", "dataset", "method", "pck_img@0.1", "pck_pt@0.1", "n_pairs", "random_init"]
+    view = Table(title="semcorr summary (PCK %; results/summary.md has every alpha and the normaliser)")
+    for column in columns:
         view.add_column(column, justify="right" if column.startswith(("pck", "n_")) else "left")
-    for row in table.itertuples(index=False):
+    for row in table[columns].itertuples(index=False):
         view.add_row(*("n/a" if pd.isna(v) else f"{100 * v:.2f}" if c.startswith("pck") else str(v)
-                       for v, c in zip(row, table.columns)))
-    Console().print(view)
+                       for v, c in zip(row, columns)))
+    Console(width=max(100, Console().width)).print(view)
 
 
 # -- pictures ---------------------------------------------------------------------------
@@ -83,26 +133,34 @@ class _Evaluation:
     """Pairs, images and predictions of one evaluated (variant, dataset, method)."""
 
     def __init__(self, data_root: Path, variant: str, dataset: str, method: str):
-        metrics = json.loads((data_root / "eval" / variant / dataset / method / "metrics.json").read_text())
+        import numpy as np
+        import pandas as pd
+
+        from semcorr.pipeline.tables import read_images, read_pairs
+        from semcorr.stages.evaluate import eval_dir
+        from semcorr.stages.match import predictions_dir
+
+        setting = json.loads((eval_dir(data_root, variant, dataset, method) / "setting.json").read_text())
         self.variant, self.dataset, self.method = variant, dataset, method
-        self.pairs = read_pairs(data_root / "prepared" / dataset, metrics.get("split", "test")).set_index("pair_id", drop=False)
+        self.pairs = read_pairs(data_root / "prepared" / dataset, setting["split"]).set_index("pair_id", drop=False)
         self.images = read_images(data_root / "prepared" / dataset).set_index("image_id")
-        pred_path = predictions_dir(data_root, variant, dataset) / f"{method}.parquet"
+        pred_path = predictions_dir(data_root, variant, dataset, method) / "predictions.parquet"
         table = pd.read_parquet(pred_path).sort_values(["pair_id", "kp_index"])
         self.pred = {pid: rows[["x", "y"]].to_numpy(np.float64) for pid, rows in table.groupby("pair_id", sort=False)}
 
-    def pair(self, pair_id: str) -> pd.Series:
+    def pair(self, pair_id: str):
         if pair_id not in self.pairs.index:
-            raise KeyError(f"no pair {pair_id!r} in the {self.dataset} pair table")
+            raise KeyError(f"no pair {pair_id!r} in the {self.dataset} {self.pairs['split'].iloc[0]} pair table")
         return self.pairs.loc[pair_id]
 
 
-def draw_pictures(table: pd.DataFrame, data_root: Path, out_root: Path, per_category: int, max_pairs: int) -> None:
+def draw_pictures(wanted, data_root: Path, out_root: Path, per_category: int, max_pairs: int) -> None:
     """Pair pictures (baseline and tuned side by side when both were evaluated) and category grids."""
     from semcorr.pipeline import visualize
+    from semcorr.pipeline.report import base_variant
 
-    evaluated = {(r.variant, r.dataset, r.method) for r in table.itertuples(index=False)}
-    for variant, dataset, method in sorted(evaluated):
+    evaluated = set(wanted)
+    for variant, dataset, method in steps(sorted(evaluated), "report: pictures", lambda k: "/".join(k)):
         runs = [_Evaluation(data_root, variant, dataset, method)]
         base = base_variant(variant)
         if base and (base, dataset, method) in evaluated:
@@ -119,6 +177,10 @@ def draw_pictures(table: pd.DataFrame, data_root: Path, out_root: Path, per_cate
 
 
 def _pair_picture(visualize, runs: list[_Evaluation], pair_id: str):
+    import numpy as np
+
+    from semcorr.pipeline.tables import keypoints
+
     ref = runs[-1]
     row = ref.pair(pair_id)
     source = visualize.read_image(Path(ref.images.loc[row.source_id, "path"]))
@@ -132,6 +194,10 @@ def _pair_picture(visualize, runs: list[_Evaluation], pair_id: str):
 
 
 def _grid_row(visualize, run: _Evaluation, pair_id: str) -> dict:
+    import numpy as np
+
+    from semcorr.pipeline.tables import keypoints
+
     row = run.pair(pair_id)
     return {
         "source": visualize.read_image(Path(run.images.loc[row.source_id, "path"])),
@@ -145,29 +211,29 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.-]", "_", str(name))
 
 
-def visualize(pair_id: str, variant: str, dataset: str, method: str, data_root: Path = Path("data"),
-              out_root: Path = Path("results/pictures")) -> Path:
+def visualize(pair_id: str, variant: str, dataset: str, method: str, data_root: Path = DATA,
+              out_root: Path = Path("visualize")) -> Path:
     """Draw one evaluated pair (with the baseline beside a tuned variant when evaluated); returns the PNG."""
     from semcorr.pipeline import visualize as vis
+    from semcorr.pipeline.report import base_variant
+    from semcorr.stages.evaluate import eval_dir
 
     data_root = Path(data_root)
     runs = []
     base = base_variant(variant)
-    if base and (data_root / "eval" / base / dataset / method / "metrics.json").is_file():
+    if base and (eval_dir(data_root, base, dataset, method) / "setting.json").is_file():
         runs.append(_Evaluation(data_root, base, dataset, method))
     runs.append(_Evaluation(data_root, variant, dataset, method))
     return vis.save(_pair_picture(vis, runs, pair_id), Path(out_root) / variant / dataset / method / f"pair_{_safe(pair_id)}.png")
 
 
 def command(params: Annotated[Path, typer.Option(help="params file")] = DEFAULT_PARAMS) -> None:
-    """Summary table over every evaluation, and pictures."""
-    try:
+    """Summary table over every evaluation, charts and pictures."""
+    with clean_errors():
         p = load_params(params)
-        main(pictures_per_category=int(section(p, "report", "pictures_per_category")),
-             max_pair_pictures=int(section(p, "report", "max_pair_pictures")))
-    except (TableError, KeyError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+        main(evaluations(p), pictures_per_category=p.report.pictures_per_category,
+             max_pair_pictures=p.report.max_pair_pictures)
+        console.print(f"wrote {RESULTS}")
 
 
 def visualize_command(
@@ -177,12 +243,8 @@ def visualize_command(
     method: Annotated[str | None, typer.Option(help="method (default: first of `methods`)")] = None,
     params: Annotated[Path, typer.Option(help="params file")] = DEFAULT_PARAMS,
 ) -> None:
-    """Draw one pair: source, ground truth against prediction (green correct, red wrong)."""
-    try:
+    """Draw one pair: source, ground truth against prediction (green correct, red wrong), into visualize/."""
+    with clean_errors():
         p = load_params(params)
-        out = visualize(pair, variant or section(p, "backbones")[0], dataset or section(p, "datasets")[0],
-                        method or section(p, "methods")[0])
-    except (TableError, KeyError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-    console.print(f"wrote {out}")
+        out = visualize(pair, variant or p.backbones[0], dataset or p.datasets[0], method or p.methods[0])
+        console.print(f"wrote {out}")

@@ -11,6 +11,7 @@ import torch
 from skimage.feature import daisy
 
 from semcorr.pipeline.backbones import BackboneSpec, build_backbone
+from semcorr.pipeline.download import WEIGHTS, Resource
 from semcorr.pipeline.weights import WeightsError, read_state_dict, sha256_file
 from tiny import TINY_SPECS, write_official_checkpoint
 
@@ -248,9 +249,11 @@ def test_official_checkpoint_loads_strictly_with_its_tensors(name, tmp_path):
     assert not torch.allclose(backbone(x), tiny(name)(x))
 
 
-def test_openai_torchscript_clip_loads(tmp_path):
+def test_openai_torchscript_clip_loads(monkeypatch, tmp_path):
+    """TorchScript runs code on load: this file loads only because its sha256 is in the registry."""
     path = tmp_path / "ViT-B-16.pt"
     sha = write_official_checkpoint("clip", path, torchscript=True)
+    monkeypatch.setitem(WEIGHTS, "clip_vitb16", Resource(None, path.name, sha))
     backbone = build_backbone({**TINY_SPECS["clip"], "weights": str(path), "sha256": sha, "random_init": False})
     assert torch.equal(backbone.model.conv1.weight, read_state_dict(path)["visual.conv1.weight"])
 

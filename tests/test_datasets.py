@@ -4,6 +4,8 @@ every kind of bad input (one error naming the file, nothing written)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +125,13 @@ def spair_annotation(src="a.jpg", trg="b.jpg", **overrides) -> dict:
 def make_spair(root: Path, annotations: dict[str, dict[str, dict]] | None = None) -> Path:
     write_image(root / "JPEGImages" / "cat" / "a.jpg", (80, 60))
     write_image(root / "JPEGImages" / "cat" / "b.jpg", (70, 90))
-    annotations = annotations or {
+    """``annotations``: split -> pair name -> annotation, replacing the default pairs of those splits."""
+    annotations = {
         "trn": {"000001-a-b:cat": spair_annotation()},
         "val": {"000002-b-a:cat": spair_annotation("b.jpg", "a.jpg", src_kps=[[5, 5]], trg_kps=[[1, 2]],
                                                    trg_bndbox=[0, 0, 50, 40], mirror=0)},
         "test": {"000003-a-b:cat": spair_annotation()},
+        **(annotations or {}),
     }
     for split, pairs in annotations.items():
         (root / "Layout" / "large").mkdir(parents=True, exist_ok=True)
@@ -199,20 +203,20 @@ def test_missing_split_list(tmp_path):
 
 def test_nan_keypoints(tmp_path):
     bad = spair_annotation(trg_kps=[[5, 5], [float("nan"), 3], [30, 40]])
-    raw = make_spair(tmp_path / "raw", {"trn": {"p:cat": bad}, "val": {}, "test": {}})
+    raw = make_spair(tmp_path / "raw", {"trn": {"p:cat": bad}})
     expect_failure(tmp_path, "spair", raw, "PairAnnotation/trn/p:cat.json", "NaN")
 
 
 def test_keypoints_outside_the_image(tmp_path):
     bad = spair_annotation(trg_kps=[[5, 5], [69, 95], [30, 40]])  # image b is 70 x 90
-    raw = make_spair(tmp_path / "raw", {"trn": {"p:cat": bad}, "val": {}, "test": {}})
+    raw = make_spair(tmp_path / "raw", {"trn": {"p:cat": bad}})
     expect_failure(tmp_path, "spair", raw, "PairAnnotation/trn/p:cat.json", "outside the 70x90 image")
 
 
 def test_keypoints_within_tolerance_pass(tmp_path):
     ok = spair_annotation(trg_kps=[[5, 5], [70.5, 90], [-1, 40]])
-    raw = make_spair(tmp_path / "raw", {"trn": {"p:cat": ok}, "val": {}, "test": {}})
-    assert len(read_pairs(prepare("spair", raw, tmp_path / "prepared"))) == 1
+    raw = make_spair(tmp_path / "raw", {"trn": {"p:cat": ok}})
+    assert len(read_pairs(prepare("spair", raw, tmp_path / "prepared"), "trn")) == 1
 
 
 def test_pair_pointing_at_a_missing_image_in_a_pair_list(tmp_path):
@@ -233,4 +237,104 @@ def test_willow_list_with_nan(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "test_pairs.csv").write_text("imageA,imageB,XA1,YA1,XB1,YB1\na.png,b.png,1,,3,4\n")
-    expect_failure(tmp_path, "pfwillow", raw, str(raw / "test_pairs.csv"), "NaN")
+    expect_failure(tmp_path, "pfwillow", raw, str(raw / "test_pairs.csv"), "row 2", "NaN", "YA1")
+
+
+# -- malformed and empty pair lists: DatasetError naming the file and the row ----------------------
+
+WILLOW_HEADER = "imageA,imageB,XA1,XA2,YA1,YA2,XB1,XB2,YB1,YB2\n"
+WILLOW_ROW = "a.png,b.png,1,2,3,4,5,6,7,8\n"
+PASCAL_HEADER = "source_image,target_image,class,XA,YA,XB,YB\n"
+PASCAL_ROW = "PF-dataset-PASCAL/JPEGImages/c.jpg,PF-dataset-PASCAL/JPEGImages/a.jpg,8,1;2,1;2,1;2,1;2\n"
+
+
+def willow_raw(tmp_path: Path, text: str) -> Path:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "test_pairs.csv").write_text(text)
+    return raw
+
+
+@pytest.mark.parametrize("text, fragments", [
+    (WILLOW_HEADER + WILLOW_ROW + "a.png,b.png,1,2,3,4,5,6,7,8,9\n", ["row 3", "11 fields", "expected 10"]),
+    (WILLOW_HEADER + WILLOW_ROW + "a.png,b.png,1,2,3,4,5,6\n", ["row 3", "8 fields", "expected 10"]),
+    (WILLOW_HEADER + "a.png,b.png,1,2,3,x,5,6,7,8\n", ["row 2", "YA2", "'x'"]),
+    ("", ["empty"]),
+    (WILLOW_HEADER, ["no pairs"]),
+    ("imageA,imageB,XA1,YA1\n" + "a.png,b.png,1,2\n", ["expected columns"]),
+], ids=["long-row", "short-row", "not-a-number", "empty", "header-only", "no-target-columns"])
+def test_bad_willow_pair_list(tmp_path, text, fragments):
+    raw = willow_raw(tmp_path, text)
+    expect_failure(tmp_path, "pfwillow", raw, str(raw / "test_pairs.csv"), *fragments)
+
+
+@pytest.mark.parametrize("text, fragments", [
+    (PASCAL_HEADER + PASCAL_ROW + PASCAL_ROW.replace(",8,", ",8,extra,"), ["row 3", "8 fields", "expected 7"]),
+    (PASCAL_HEADER + PASCAL_ROW.replace(",1;2,1;2\n", "\n"), ["row 2", "5 fields", "expected 7"]),
+    ("", ["empty"]),
+    (PASCAL_HEADER, ["no pairs"]),
+], ids=["long-row", "short-row", "empty", "header-only"])
+def test_bad_pascal_pair_list(tmp_path, text, fragments):
+    raw = make_pfpascal(tmp_path / "raw")
+    (raw / "val_pairs.csv").write_text(text)
+    expect_failure(tmp_path, "pfpascal", raw, str(raw / "val_pairs.csv"), *fragments)
+
+
+@needs_willow
+def test_real_willow_list_with_a_short_row(tmp_path):
+    lines = (SHARED / "pf-willow" / "test_pairs.csv").read_text().splitlines(keepends=True)
+    lines[5] = lines[5].rsplit(",", 1)[0] + "\n"  # the last field (YB10) of row 6 is gone
+    raw = willow_raw(tmp_path, "".join(lines))
+    expect_failure(tmp_path, "pfwillow", raw, str(raw / "test_pairs.csv"), "row 6", "41 fields", "expected 42")
+
+
+@needs_pascal
+def test_real_pascal_list_with_a_broken_row(tmp_path):
+    lines = (SHARED / "pf-pascal" / "test_pairs.csv").read_text().splitlines(keepends=True)
+    lines[10] = lines[10].replace(",", ";", 1)  # source and target image run together
+    path = tmp_path / "test_pairs.csv"
+    path.write_text("".join(lines))
+    with pytest.raises(DatasetError, match=rf"{path}: row 11: 6 fields, expected 7"):
+        pfpascal.read_pair_list(path)
+
+
+def test_empty_spair_split_list(tmp_path):
+    raw = make_spair(tmp_path / "raw", {"test": {}})
+    expect_failure(tmp_path, "spair", raw, "Layout/large/test.txt", "no pairs")
+
+
+@pytest.mark.parametrize("field, value", [("viewpoint_variation", "high"), ("trg_bndbox", [1, 2]),
+                                          ("trg_bndbox", [5, 5, 5, 5]), ("category", ["cat"]),
+                                          ("src_imname", "../../a.jpg")],
+                         ids=["flag", "short-box", "point-box", "category", "image-path"])
+def test_spair_annotation_with_a_bad_field(tmp_path, field, value):
+    raw = make_spair(tmp_path / "raw", {"val": {"p:cat": spair_annotation(**{field: value})}})
+    expect_failure(tmp_path, "spair", raw, "PairAnnotation/val/p:cat.json", field)
+
+
+def test_spair_annotation_that_is_not_an_object(tmp_path):
+    raw = make_spair(tmp_path / "raw")
+    (raw / "PairAnnotation" / "val" / "000002-b-a:cat.json").write_text("[1, 2]")
+    expect_failure(tmp_path, "spair", raw, "PairAnnotation/val/000002-b-a:cat.json", "not a JSON object")
+
+
+# -- the package ---------------------------------------------------------------------------------
+
+
+def test_package_imports_without_image_libraries():
+    code = ("import sys; from semcorr.pipeline.datasets import NAMES, DatasetError, prepare; "
+            "print(NAMES, [m for m in ('skimage', 'PIL') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "('spair', 'pfpascal', 'pfwillow', 'synthetic') []"
+
+
+def test_unknown_dataset_lists_the_known_ones(tmp_path):
+    with pytest.raises(DatasetError, match="unknown dataset 'pfwilow'.*spair.*pfpascal.*pfwillow.*synthetic"):
+        prepare("pfwilow", tmp_path, tmp_path / "out")
+
+
+def test_pair_list_pointing_outside_the_raw_folder(tmp_path):
+    write_image(tmp_path / "outside.png", (30, 30), "PNG")
+    raw = willow_raw(tmp_path, WILLOW_HEADER + "../outside.png,../outside.png,1,2,3,4,5,6,7,8\n")
+    expect_failure(tmp_path, "pfwillow", raw, str(raw / "test_pairs.csv"), "row 2", "'../outside.png'",
+                   "outside the raw dataset folder")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 import threading
 import time
@@ -149,7 +150,7 @@ def test_offline_without_source_names_the_param_fast(monkeypatch, tmp_path):
 def test_gated_weights_point_to_the_licence_page(tmp_path):
     with pytest.raises(DownloadError) as info:
         dl.download_weights("dinov3_vitb16", tmp_path / "w", "dinov3_vitb16")
-    assert "backbone.dinov3_vitb16.source" in str(info.value)
+    assert "backbone.dinov3_vitb16.weights.source" in str(info.value)
     assert dl.DINOV3_DOWNLOADS in str(info.value)
     assert not (tmp_path / "w").exists()
 
@@ -218,11 +219,13 @@ def test_tar_escapes_are_refused(tmp_path, member):
     assert not (dest / "link").exists() and not (dest / "fine.txt").exists()
 
 
-def test_safe_archive_with_inner_link_extracts(tmp_path):
+def test_inner_links_are_refused_too(tmp_path):
+    """Dataset archives hold no links: one pointing inside is refused like one pointing out."""
     archive = write_tar(tmp_path / "a.tar.gz", [tar_member("d/f.txt"), tar_member("d/l", tarfile.SYMTYPE, "f.txt")],
                         {"d/f.txt": b"hello"})
-    dest = dl.extract(archive, tmp_path / "dest")
-    assert (dest / "d" / "l").read_bytes() == b"hello"
+    with pytest.raises(ArchiveError, match=r"a\.tar\.gz.*'d/l'.*link"):
+        dl.extract(archive, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
 
 
 # -- datasets and weights end to end ----------------------------------------------------------
@@ -240,7 +243,8 @@ def test_dataset_from_local_archive_is_unwrapped_and_recorded(tmp_path):
     assert (out / "PairAnnotation" / "test" / "p.json").is_file()
     assert (out / "ImageAnnotation").is_dir() and not (out / "SPair-71k").exists()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["files"]["SPair-71k.tar.gz"]["sha256"] == sha(archive.read_bytes())
+    assert manifest["inputs"]["SPair-71k.tar.gz"]["sha256"] == sha(archive.read_bytes())
+    assert manifest["files"]["Layout/large/test.txt"] == {"size": 2, "sha256": sha(b"p\n")}
 
 
 def test_dataset_source_lacking_the_layout_fails_and_writes_nothing(tmp_path):
@@ -263,9 +267,11 @@ def test_dataset_download_over_http_records_unpublished_hashes(server, monkeypat
     monkeypatch.setitem(dl.DATASETS, "pfwillow", source)
     out = dl.download_dataset("pfwillow", tmp_path / "raw" / "pfwillow", None, tmp_path / "cache")
     assert (out / "PF-dataset" / "car(G)" / "a.png").read_bytes() == b"png"
-    files = json.loads((out / "manifest.json").read_text())["files"]
-    assert files["PF-dataset.zip"] == {"sha256": sha(zipped.getvalue()), "verified": False,
-                                       "from": f"{server.url}/PF-dataset.zip"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["PF-dataset.zip"] == {"sha256": sha(zipped.getvalue()), "verified": False,
+                                                    "from": f"{server.url}/PF-dataset.zip"}
+    assert manifest["files"] == {"PF-dataset/car(G)/a.png": {"size": 3, "sha256": sha(b"png")},
+                                 "test_pairs.csv": {"size": 14, "sha256": sha(b"imageA,imageB\n")}}
     assert "no published sha256" in capsys.readouterr().err
     assert not list((tmp_path / "cache" / "pfwillow").glob("*.zip"))  # unpacked archives are not kept
     count = len(server.requests)
@@ -297,4 +303,157 @@ def test_weight_free_and_random_init_get_only_a_record(tmp_path):
     rand = dl.download_weights("dinov2_rand", tmp_path / "rand", "dinov2_vitb14", random_init=True)
     assert [p.name for p in daisy.iterdir()] == ["weights.json"]
     assert json.loads((rand / "weights.json").read_text()) == {
-        "file": None, "sha256": None, "source": None, "random_init": True, "verified": False}
+        "file": None, "sha256": None, "source": None, "random_init": True, "verified": False,
+        "verified_by": "none"}
+
+
+# -- local sources: copies, manifests, re-imports -----------------------------------------------
+
+
+def willow_mirror(root: Path) -> Path:
+    for name, data in {"PF-dataset/car(G)/a.png": b"png-a", "PF-dataset/car(G)/b.png": b"png-bb",
+                       "PF-dataset/README.txt": b"readme", "test_pairs.csv": b"imageA,imageB\n"}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def test_folder_source_manifest_lists_every_file(tmp_path):
+    mirror = willow_mirror(tmp_path / "mirror")
+    out = dl.download_dataset("pfwillow", tmp_path / "raw", mirror)
+    manifest = json.loads((out / "manifest.json").read_text())
+    expected = {p.relative_to(mirror).as_posix(): p.read_bytes() for p in mirror.rglob("*") if p.is_file()}
+    assert manifest["files"] == {rel: {"size": len(data), "sha256": sha(data)} for rel, data in expected.items()}
+    assert set(manifest["source_state"]) == set(expected)
+
+
+def test_imported_files_are_copies_not_links(monkeypatch, tmp_path):
+    mirror = willow_mirror(tmp_path / "mirror")
+    out = dl.download_dataset("pfwillow", tmp_path / "raw", mirror)
+    ckpt = tmp_path / "ckpt.pth"
+    ckpt.write_bytes(PAYLOAD)
+    monkeypatch.setitem(dl.WEIGHTS, "tiny", Resource(None, "ckpt.pth", None))
+    weights = dl.download_weights("tiny", tmp_path / "weights", "tiny", source=ckpt)
+    for copy, original in ((out / "test_pairs.csv", mirror / "test_pairs.csv"),
+                           (out / "PF-dataset" / "car(G)" / "a.png", mirror / "PF-dataset" / "car(G)" / "a.png"),
+                           (weights / "ckpt.pth", ckpt)):
+        assert not copy.is_symlink() and copy.stat().st_nlink == 1
+        assert copy.stat().st_ino != original.stat().st_ino
+        before = original.read_bytes()
+        with open(copy, "r+b") as f:  # an in-place edit under data/ ...
+            f.write(b"X")
+        assert original.read_bytes() == before  # ... leaves the user's mirror alone
+
+
+def test_dataset_rerun_follows_the_source(tmp_path, capsys):
+    mirror = willow_mirror(tmp_path / "mirror")
+    raw = tmp_path / "raw"
+    dl.download_dataset("pfwillow", raw, mirror)
+    capsys.readouterr()
+    dl.download_dataset("pfwillow", raw, mirror)
+    message = capsys.readouterr().err
+    assert "already complete" in message and "force" in message
+
+    fixed = mirror / "PF-dataset" / "car(G)" / "a.png"  # the user repairs a file of the mirror
+    fixed.write_bytes(b"PNG-A")
+    os.utime(fixed, ns=(fixed.stat().st_atime_ns, fixed.stat().st_mtime_ns + 10**9))  # same size, newer
+    dl.download_dataset("pfwillow", raw, mirror)
+    assert "already complete" not in capsys.readouterr().err
+    assert (raw / "PF-dataset" / "car(G)" / "a.png").read_bytes() == b"PNG-A"
+    manifest = json.loads((raw / "manifest.json").read_text())
+    assert manifest["files"]["PF-dataset/car(G)/a.png"]["sha256"] == sha(b"PNG-A")
+
+    (mirror / "PF-dataset" / "README.txt").unlink()  # a file leaves the mirror
+    dl.download_dataset("pfwillow", raw, mirror)
+    assert not (raw / "PF-dataset" / "README.txt").exists()
+
+    with open(raw / "test_pairs.csv", "r+b") as f:  # same-size edit of the copy: force restores it
+        f.write(b"IMAGEA")
+    dl.download_dataset("pfwillow", raw, mirror, force=True)
+    assert (raw / "test_pairs.csv").read_bytes() == b"imageA,imageB\n"
+
+
+def test_dataset_rerun_notices_a_replaced_archive(tmp_path):
+    archive = spair_skeleton_tar(tmp_path / "SPair-71k.tar.gz")
+    raw = tmp_path / "raw"
+    dl.download_dataset("spair", raw, archive)
+    files = {"SPair-71k/JPEGImages/cat/a.jpg": b"new image", "SPair-71k/PairAnnotation/test/p.json": b"{}",
+             "SPair-71k/Layout/large/test.txt": b"p\n"}
+    write_tar(archive, [tar_member(name) for name in files], files)
+    dl.download_dataset("spair", raw, archive)
+    assert (raw / "JPEGImages" / "cat" / "a.jpg").read_bytes() == b"new image"
+    assert not (raw / "ImageAnnotation").exists()
+    assert json.loads((raw / "manifest.json").read_text())["inputs"]["SPair-71k.tar.gz"]["sha256"] == sha(
+        archive.read_bytes())
+
+
+def test_a_removed_output_file_is_noticed(tmp_path):
+    mirror = willow_mirror(tmp_path / "mirror")
+    raw = dl.download_dataset("pfwillow", tmp_path / "raw", mirror)
+    (raw / "PF-dataset" / "car(G)" / "b.png").unlink()
+    dl.download_dataset("pfwillow", raw, mirror)
+    assert (raw / "PF-dataset" / "car(G)" / "b.png").read_bytes() == b"png-bb"
+
+
+# -- weights: registry hash, pins, re-imports ----------------------------------------------------
+
+
+@pytest.fixture
+def unregistered(monkeypatch, tmp_path) -> Path:
+    """A checkpoint file for the registry entry ``free``, which has no sha256."""
+    monkeypatch.setitem(dl.WEIGHTS, "free", Resource(None, "free.pth", None))
+    path = tmp_path / "mirror" / "free.pth"
+    path.parent.mkdir()
+    path.write_bytes(PAYLOAD)
+    return path
+
+
+def test_a_pin_verifies_an_unregistered_checkpoint(unregistered, tmp_path):
+    out = tmp_path / "weights" / "free"
+    wrong = "ab" * 32
+    with pytest.raises(DownloadError) as err:
+        dl.download_weights("free", out, "free", source=unregistered, sha256=wrong)
+    assert str(unregistered) in str(err.value) and wrong in str(err.value) and sha(PAYLOAD) in str(err.value)
+    assert not out.exists()
+    dl.download_weights("free", out, "free", source=unregistered, sha256=sha(PAYLOAD).upper())
+    record = json.loads((out / "weights.json").read_text())
+    assert (record["sha256"], record["verified"], record["verified_by"]) == (sha(PAYLOAD), True, "pin")
+
+
+def test_an_unpinned_unregistered_checkpoint_is_recorded_as_unverified(unregistered, tmp_path):
+    out = dl.download_weights("free", tmp_path / "weights" / "free", "free", source=unregistered.parent)
+    record = json.loads((out / "weights.json").read_text())
+    assert (record["sha256"], record["verified"], record["verified_by"]) == (sha(PAYLOAD), False, "none")
+    assert record["file"] == "free.pth" and (out / "free.pth").read_bytes() == PAYLOAD
+
+
+def test_a_pin_must_equal_the_registry_hash(monkeypatch, tmp_path):
+    ckpt = tmp_path / "ckpt.pth"
+    ckpt.write_bytes(PAYLOAD)
+    monkeypatch.setitem(dl.WEIGHTS, "tiny", Resource(None, "ckpt.pth", sha(PAYLOAD)))
+    other = "cd" * 32
+    with pytest.raises(DownloadError) as err:
+        dl.download_weights("tiny_b", tmp_path / "w", "tiny", source=ckpt, sha256=other)
+    message = str(err.value)
+    assert "backbone.tiny_b.weights.sha256" in message and other in message and sha(PAYLOAD) in message
+    assert not (tmp_path / "w").exists()
+    out = dl.download_weights("tiny_b", tmp_path / "w", "tiny", source=ckpt, sha256=sha(PAYLOAD))
+    assert json.loads((out / "weights.json").read_text())["verified_by"] == "registry"
+
+
+def test_weights_rerun_follows_the_source(unregistered, tmp_path, capsys):
+    out = tmp_path / "weights" / "free"
+    dl.download_weights("free", out, "free", source=unregistered)
+    capsys.readouterr()
+    dl.download_weights("free", out, "free", source=unregistered)
+    assert "already complete" in capsys.readouterr().err
+    unregistered.write_bytes(b"a better checkpoint")
+    dl.download_weights("free", out, "free", source=unregistered)
+    assert (out / "free.pth").read_bytes() == b"a better checkpoint"
+    assert json.loads((out / "weights.json").read_text())["sha256"] == sha(b"a better checkpoint")
+    with pytest.raises(DownloadError, match="ab" * 32):  # a new pin is checked, not taken as done
+        dl.download_weights("free", out, "free", source=unregistered, sha256="ab" * 32)
+    with open(out / "free.pth", "r+b") as f:
+        f.write(b"A")
+    dl.download_weights("free", out, "free", source=unregistered, force=True)
+    assert (out / "free.pth").read_bytes() == b"a better checkpoint"

@@ -1,8 +1,17 @@
-"""The DVC DAG in a real temp git + DVC workspace: full demo repro, no-op, precise
-invalidation, experiments. The tests build on each other and run in file order."""
+"""The DVC DAG in a real temp git + DVC workspace, judged from DVC's own output: the full
+demo, a no-op repro, exact param deps (one table), queued experiments that re-run only
+what changed, checkout and push/pull that restore without recomputing, readable
+metrics and plots, and the workspace running the code DVC hashes. The tests build on
+each other and run in file order."""
 
+from __future__ import annotations
+
+import hashlib
 import json
+import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,21 +29,38 @@ SMALL = [
     "download.synthetic.images_per_category=6",
     "finetune.epochs=1",
     "finetune.milestones=[1]",
-    "report.max_pair_pictures=2",
+    "report.max_pair_pictures=1",
     "report.pictures_per_category=1",
 ]
+ALL_GROUPS = {"download", "weights", "prepare", "extract", "finetune", "extract_tuned", "match", "match_tuned",
+              "softargmax", "softargmax_tuned", "evaluate", "evaluate_tuned", "report"}
 
 
-def dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(ws.parent), "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run([str(BIN / "dvc"), *args], cwd=ws, env=env, capture_output=True, text=True)
+def dvc(ws: Path, *args: str, columns: int | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(ws.parent), "DVC_NO_ANALYTICS": "1", "LANG": "C.UTF-8"}
+    if columns:
+        env["COLUMNS"] = str(columns)
+    done = subprocess.run([str(BIN / "dvc"), *args], cwd=ws, env=env, capture_output=True, text=True)
+    if check:
+        assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done
 
 
-def repro(ws: Path) -> set[str]:
+def git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def repro(ws: Path, *args: str) -> set[str]:
     """Run `dvc repro`; return the names of the stages that ran."""
-    result = dvc(ws, "repro")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return set(re.findall(r"Running stage '([^']+)'", result.stdout))
+    return ran(dvc(ws, "repro", *args).stdout)
+
+
+def groups(stage_names: set[str]) -> set[str]:
+    return {name.split("@")[0] for name in stage_names}
 
 
 def edit_params(ws: Path, change) -> None:
@@ -44,8 +70,9 @@ def edit_params(ws: Path, change) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def groups(stage_names: set[str]) -> set[str]:
-    return {name.split("@")[0] for name in stage_names}
+def status(ws: Path) -> set[str]:
+    """Stages `dvc status` reports as changed."""
+    return set(json.loads(dvc(ws, "status", "--json").stdout or "{}"))
 
 
 @pytest.fixture(scope="module")
@@ -54,64 +81,257 @@ def ws(tmp_path_factory) -> Path:
 
 
 def test_full_demo_repro(ws):
-    ran = repro(ws)
-    assert groups(ran) == {
-        "download", "weights", "prepare", "extract", "finetune", "extract_tuned",
-        "match", "match_tuned", "evaluate", "evaluate_tuned", "report",
-    }
+    assert groups(repro(ws)) == ALL_GROUPS
     summary = (ws / "results" / "summary.csv").read_text()
     for variant in ("daisy", "tinyvit", "tinyvit_ft2"):
         assert variant in summary
-    metrics = json.loads((ws / "results" / "metrics.json").read_text())
-    assert any(key.startswith("tinyvit_ft2/synthetic/") for key in metrics)
+    git(ws, "add", "-A")
+    git(ws, "commit", "-qm", "demo results")
+    assert git(ws, "status", "--porcelain") == ""
 
 
 def test_noop_repro_runs_nothing(ws):
-    result = dvc(ws, "repro")
-    assert result.returncode == 0
-    assert "Running stage" not in result.stdout
-    assert dvc(ws, "status", "--json").stdout.strip() in ("{}", "")
+    assert repro(ws) == set()
+    assert status(ws) == set()
 
 
-def test_match_param_change_reruns_only_match_evaluate_report(ws):
-    edit_params(ws, lambda p: p["match"].update(window=2))
-    ran = repro(ws)
-    assert "match@synthetic-tinyvit-softargmax" in ran
-    assert groups(ran) <= {"match", "match_tuned", "evaluate", "evaluate_tuned", "report"}
+def test_outputs_are_links_into_the_cache(ws):
+    """No second copy of a feature store: its files are links to DVC's cache (hardlinks here)."""
+    store = ws / "data" / "features" / "tinyvit" / "synthetic.zarr"
+    shards = [f for f in (store / "feats" / "c").rglob("*") if f.is_file()]
+    assert shards and all(f.stat().st_nlink >= 2 or f.is_symlink() for f in shards)
+    cached = {f.stat().st_ino for f in (ws / ".dvc" / "cache").rglob("*") if f.is_file()}
+    assert all(f.stat().st_ino in cached for f in shards)
 
 
-def test_finetune_param_change_reruns_only_that_branch(ws):
-    edit_params(ws, lambda p: p["finetune"].update(lr=5.0e-4))
-    ran = repro(ws)
-    assert "finetune@tinyvit-2" in ran
-    assert "extract_tuned@synthetic-tinyvit-2" in ran
-    assert groups(ran) <= {"finetune", "extract_tuned", "match_tuned", "evaluate_tuned", "report"}
+# -- exact deps -------------------------------------------------------------------------------
+# What each stage group reads, by params key prefix; `item` is the stage's matrix item.
+READERS = {
+    "download.": lambda group, item, key: group == "download" and key.split(".")[1] == item["dataset"],
+    "backbone.": lambda group, item, key: (
+        (group == "weights" and key.split(".")[2] == "weights" and item["backbone"] == key.split(".")[1])
+        or (key.split(".")[2] == "model" and key.split(".")[1] == item.get("backbone", item.get("variant"))
+            and group in ("extract", "finetune", "extract_tuned", "match", "match_tuned"))),
+    "extract.flips": lambda group, item, key: group in ("extract", "extract_tuned", "match", "match_tuned"),
+    "extract.": lambda group, item, key: group in ("extract", "extract_tuned"),
+    "finetune.": lambda group, item, key: group == "finetune",
+    "match.argmax.": lambda group, item, key: group in (
+        "match", "match_tuned", "softargmax", "softargmax_tuned", "evaluate", "evaluate_tuned"),
+    "match.softargmax.": lambda group, item, key: group in ("softargmax", "softargmax_tuned") or (
+        group in ("evaluate", "evaluate_tuned") and item["method"] == "softargmax"),
+    "evaluate.split": lambda group, item, key: group in (
+        "match", "match_tuned", "softargmax", "softargmax_tuned", "evaluate", "evaluate_tuned"),
+    "evaluate.": lambda group, item, key: group in ("evaluate", "evaluate_tuned"),
+    "report.": lambda group, item, key: group == "report",
+}
+MATRIX = {  # matrix keys of each group, in dvc.yaml order (stage names join their values with '-')
+    "download": ["dataset"], "weights": ["backbone"], "prepare": ["dataset"], "extract": ["dataset", "backbone"],
+    "finetune": ["backbone", "depth"], "extract_tuned": ["dataset", "backbone", "depth"],
+    "match": ["dataset", "variant"], "match_tuned": ["dataset", "backbone", "depth"],
+    "softargmax": ["dataset", "variant"], "softargmax_tuned": ["dataset", "backbone", "depth"],
+    "evaluate": ["dataset", "variant", "method"], "evaluate_tuned": ["dataset", "backbone", "depth", "method"],
+    "report": [],
+}
 
 
-def test_adding_a_backbone_runs_only_its_branch(ws):
-    def add(p):
-        p["backbones"].append("daisy_squash")
-        p["backbone"]["daisy_squash"] = {**p["backbone"]["daisy"], "resize": "squash"}
-
-    edit_params(ws, add)
-    ran = repro(ws)
-    assert {name for name in ran if name != "report"} == {
-        "weights@daisy_squash",
-        "extract@synthetic-daisy_squash",
-        "match@synthetic-daisy_squash-argmax",
-        "match@synthetic-daisy_squash-softargmax",
-        "evaluate@synthetic-daisy_squash-argmax",
-        "evaluate@synthetic-daisy_squash-softargmax",
-    }
+def leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "arch":
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
-def test_experiment_changes_metrics(ws):
-    subprocess.run(["git", "add", "-A"], cwd=ws, check=True)
-    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=ws, check=True)
-    result = dvc(ws, "exp", "run", "-S", "match.window=0", "-S", "match.upsample=2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    diff = json.loads(dvc(ws, "metrics", "diff", "--json").stdout)
-    changed = {path for path, values in diff.items() if values}
-    assert any("softargmax" in path for path in changed), diff
-    shown = dvc(ws, "exp", "show", "--no-pager", "--csv")
-    assert shown.returncode == 0 and "match.window" in shown.stdout
+def changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, list):
+        return value + value[-1:] if value else [1]
+    if isinstance(value, dict):
+        return {**value, "changed": 1}
+    return "changed"
+
+
+def expected_readers(key: str, stage_names: set[str]) -> set[str]:
+    rule = next(rule for prefix, rule in READERS.items() if key.startswith(prefix))
+    out = set()
+    for name in stage_names:
+        group, _, values = name.partition("@")
+        item = dict(zip(MATRIX[group], values.split("-"))) if values else {}
+        if rule(group, item, key):
+            out.add(name)
+    return out
+
+
+def test_each_param_key_is_read_by_exactly_its_stages(ws):
+    """Change one key at a time: `dvc status` lists exactly the stages that read it."""
+    original = (ws / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    stage_names = set(dvc(ws, "stage", "list", "--name-only").stdout.split())
+    sections = {k: v for k, v in params.items() if isinstance(v, dict)}  # top-level lists shape the DAG itself
+    keys = list(leaves(sections))
+    assert len(keys) > 40
+    mismatches = []
+    try:
+        for key, value in keys:
+            edit_params(ws, lambda p: _assign(p, key, changed(value)))
+            got, want = status(ws), expected_readers(key, stage_names)
+            if got != want:
+                mismatches.append(f"{key}: dvc status {sorted(got)}, stages that read it {sorted(want)}")
+            (ws / "params.yaml").write_text(original)
+    finally:
+        (ws / "params.yaml").write_text(original)
+    assert not mismatches, "\n".join(mismatches)
+
+
+def _assign(params: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def test_moving_a_checkpoint_source_reruns_only_the_weights_stage(ws):
+    edit_params(ws, lambda p: p["backbone"]["tinyvit"]["weights"].update(source="/elsewhere/model.pth"))
+    try:
+        assert status(ws) == {"weights@tinyvit"}
+    finally:
+        git(ws, "checkout", "params.yaml")
+
+
+# -- experiments --------------------------------------------------------------------------------
+
+
+def test_queued_match_variant_reruns_only_match_evaluate_report(ws):
+    dvc(ws, "exp", "run", "--queue", "-n", "soft005", "-S", "match.softargmax.temperature=0.05")
+    dvc(ws, "exp", "run", "--run-all", "-j", "1")
+    log = dvc(ws, "queue", "logs", "soft005").stdout
+    assert "softargmax@synthetic-tinyvit" in ran(log)
+    assert groups(ran(log)) == {"softargmax", "softargmax_tuned", "evaluate", "evaluate_tuned", "report"}, log
+    shown = json.loads(dvc(ws, "exp", "show", "--json").stdout)
+    assert "soft005" in json.dumps(shown)
+
+
+def test_exp_apply_and_checkout_restore_outputs_without_recomputing(ws):
+    metrics = ws / "data" / "eval" / "tinyvit" / "synthetic" / "softargmax" / "metrics.json"
+    baseline = metrics.read_text()
+    dvc(ws, "exp", "apply", "soft005")
+    assert yaml.safe_load((ws / "params.yaml").read_text())["match"]["softargmax"]["temperature"] == 0.05
+    assert metrics.read_text() != baseline
+    applied = (ws / "data" / "predictions" / "tinyvit" / "synthetic" / "softargmax" / "predictions.parquet").read_bytes()
+    assert status(ws) == set() and repro(ws) == set()
+    git(ws, "checkout", "--", ".")
+    dvc(ws, "checkout")
+    assert metrics.read_text() == baseline
+    assert (ws / "data" / "predictions" / "tinyvit" / "synthetic" / "softargmax" / "predictions.parquet").read_bytes() != applied
+    assert status(ws) == set() and repro(ws) == set()
+
+
+def test_push_then_pull_into_a_fresh_clone_gives_a_noop_repro(ws, tmp_path):
+    remote = tmp_path / "remote"
+    dvc(ws, "remote", "add", "--local", "-d", "store", str(remote))
+    dvc(ws, "push")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
+    dvc(clone, "remote", "add", "--local", "-d", "store", str(remote))
+    dvc(clone, "pull")
+    assert (clone / "data" / "features" / "tinyvit_ft2" / "synthetic.zarr" / "zarr.json").is_file()
+    assert status(clone) == set() and repro(clone) == set()
+
+
+def test_a_rerun_never_writes_through_a_link_into_the_cache(ws):
+    """Re-extracting with linked (read-only, hard-linked) outputs in place leaves every cache
+    object intact: its content still hashes to its name."""
+    edit_params(ws, lambda p: p["extract"].update(batch_size=4))
+    try:
+        assert {"extract@synthetic-daisy", "extract@synthetic-tinyvit"} <= repro(ws, "extract@synthetic-tinyvit",
+                                                                                  "extract@synthetic-daisy")
+    finally:
+        git(ws, "checkout", "params.yaml")
+    repro(ws)
+    cache = ws / ".dvc" / "cache" / "files" / "md5"
+    bad = [f for f in cache.rglob("*") if f.is_file() and not f.name.endswith(".dir")
+           and hashlib.md5(f.read_bytes()).hexdigest() != f.parent.name + f.name]
+    assert not bad
+    assert status(ws) == set()
+
+
+# -- readable exp show, metrics, plots --------------------------------------------------------
+
+
+def test_metrics_are_numbers_and_diff_shows_only_metrics(ws):
+    shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
+    values = [v for rev in shown.values() for f in rev["data"].values() for v in _flat(f["data"]).values()]
+    assert values and all(isinstance(v, (int, float)) for v in values if v is not None)
+    diff = json.loads(dvc(ws, "metrics", "diff", "soft005", "--json").stdout)
+    keys = {k for changes in diff.values() for k in changes}
+    assert keys and all(re.search(r"(^|\.)(pck_(img|pt)@[\d.]+|mutual_reliable|n_\w+|val_pck|loss|lr|step)$", k)
+                        for k in keys), keys
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+@pytest.mark.parametrize("recipe, columns", [(0, 80), (1, 200)])
+def test_readme_exp_show_recipes_show_pck_columns(ws, recipe, columns):
+    """The README's two `dvc exp show` recipes, on the terminal width each is given for:
+    every header and value shows in full (nothing cut to '…')."""
+    recipes = re.findall(r"`dvc exp show ([^`]+)`", (ROOT / "README.md").read_text())
+    out = dvc(ws, "exp", "show", "--no-pager", *shlex.split(recipes[recipe]), columns=columns).stdout
+    assert "soft005" in out and "pck_img@0.1" in out and "…" not in out, out
+    assert max(len(line) for line in out.splitlines()) <= columns
+    assert out.count("pck_img@0.1") == recipe + 1  # one evaluation at 80 columns, two at 200
+
+
+def test_plots_render_offline_with_a_bar_chart_and_the_pictures(ws):
+    dvc(ws, "plots", "show", "--json")  # every declared plot parses
+    dvc(ws, "plots", "diff", "soft005", "-o", "dvc_plots")
+    page = (ws / "dvc_plots" / "index.html").read_text()
+    assert "<script src=" not in page and "cdn.jsdelivr" not in page  # nothing fetched from the network
+    assert "window.vegaEmbed" in page and '"mark": {"type": "bar"' in page.replace("\n", "")
+    assert '"pck_img"' in page and "all \\u00b7 tinyvit_ft2" in page  # the bars' data, JSON-escaped
+    assert re.search(r"<img[^>]+charts", page) and re.search(r"<img[^>]+pictures", page)
+    assert "dvc_plots" not in git(ws, "status", "--porcelain")  # generated: ignored
+
+
+# -- the code that runs is the code DVC hashes -------------------------------------------------
+
+
+def test_the_workspace_runs_its_own_code(ws):
+    """An edit of the workspace's copy is what DVC sees and what runs: both ways."""
+    report_py, summary_py = ws / "stages" / "report.py", ws / "pipeline" / "report.py"
+    originals = {report_py: report_py.read_text(), summary_py: summary_py.read_text()}
+    edits = {report_py: ("semcorr summary (PCK %;", "EDITED IN THE WORKSPACE ("),
+             summary_py: ('"# semcorr summary"', '"# semcorr summary (workspace edit)"')}
+    for path, (old, new) in edits.items():
+        assert old in originals[path]
+        path.write_text(originals[path].replace(old, new))
+    try:
+        assert groups(status(ws)) == {"evaluate", "evaluate_tuned", "report"}  # pipeline/report.py is their dep
+        out = dvc(ws, "repro").stdout
+        assert "EDITED IN THE WORKSPACE" in out
+        assert "(workspace edit)" in (ws / "results" / "summary.md").read_text()
+    finally:
+        for path, text in originals.items():
+            path.write_text(text)
+    assert groups(repro(ws)) <= {"evaluate", "evaluate_tuned", "report"}
+    assert status(ws) == set()
+
+
+def test_a_refresh_commits_only_code_and_params_and_reports_the_rest(ws, capfd):
+    dvc(ws, "exp", "apply", "soft005")  # a dirty workspace: the experiment's params, lock and metrics
+    head = git(ws, "rev-parse", "HEAD").strip()
+    workspace.main(ws, ROOT / "configs" / "demo.yaml", SMALL + ["match.softargmax.window=2"])
+    committed = set(git(ws, "diff", "--name-only", head, "HEAD").split())
+    assert committed == {"params.yaml"}
+    assert "left uncommitted" in capfd.readouterr().err
+    assert "dvc.lock" in git(ws, "status", "--porcelain")
+    git(ws, "reset", "-q", "--hard", head)
+    dvc(ws, "checkout", "--force")

@@ -228,21 +228,24 @@ def test_training_fits_the_training_pairs(prepared, tmp_path):
     assert result.best_val_pck >= result.base_val_pck
 
 
-def _workspace(prepared: Path, root: Path, family: str) -> dict:
-    """A data root with the prepared synthetic set and a random-init base backbone; params."""
+MATCH = {"argmax": {"upsample": 1, "mutual": False, "max_window": 3},
+         "softargmax": {"window": 3, "temperature": 0.1, "zero_outside": False}}
+EXTRACT = {"batch_size": 8, "num_workers": 0, "device": "cpu", "flips": False, "shard_images": 16}
+
+
+def _workspace(prepared: Path, root: Path, family: str) -> tuple[dict, dict]:
+    """A data root with the prepared synthetic set and a random-init base backbone;
+    (params ``backbone.tiny.model``, params ``finetune``)."""
     (root / "prepared").mkdir(parents=True)
     (root / "prepared" / "synthetic").symlink_to(prepared)
     (root / "weights" / "tiny").mkdir(parents=True)
     (root / "weights" / "tiny" / "weights.json").write_text(json.dumps({"file": None, "sha256": None, "random_init": True}))
-    spec = {k: v for k, v in TINY_SPECS[family].items()}
+    spec = TINY_SPECS[family]
+    model = {"family": spec["family"], "variant": spec["variant"], "layer": None, "input_size": spec["input_size"],
+             "resize": spec["resize"], "arch": spec["arch"]}
     finetune_params = {"train_dataset": "synthetic", "device": "cpu", **FAST, "epochs": 1}
     del finetune_params["depth"]
-    return {
-        "backbone": {"tiny": {**spec, "checkpoint": None, "source": None, "layer": None}},
-        "finetune": finetune_params,
-        "extract": {"batch_size": 8, "num_workers": 0, "device": "cpu", "flips": False, "shard_images": 16},
-        "match": {"upsample": 1, "window": 3, "temperature": 0.1, "zero_outside": False, "mutual": False},
-    }
+    return model, finetune_params
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -252,15 +255,21 @@ def test_finetune_extract_match_evaluate_chain(prepared, tmp_path, family):
     from semcorr.stages import evaluate, extract, match
     from semcorr.stages import finetune as finetune_stage
 
-    params = _workspace(prepared, tmp_path, family)
-    out = finetune_stage.main("tiny", 1, params, data_root=tmp_path)
+    model, ft = _workspace(prepared, tmp_path, family)
+    out = finetune_stage.main("tiny", 1, model, ft, data_root=tmp_path)
     assert out == tmp_path / "weights" / "tiny_ft1"
     info = json.loads((out / "weights.json").read_text())
-    assert info["file"] == "model.pth" and info["random_init"] is False and info["base_random_init"] is True
+    assert info["file"] == "model.pth" and info["random_init"] is True  # tuned from an untrained base
     assert info["base"] == "tiny" and info["depth"] == 1 and info["train_dataset"] == "synthetic"
     assert info["best_epoch"] == 1 and 0.0 <= info["best_val_pck"] <= 1.0
-    curve = pd.read_csv(tmp_path / "finetune" / "tiny_ft1" / "curve.csv")
+    curve = pd.read_csv(tmp_path / "finetune" / "tiny_ft1" / "state" / "curve.csv")
     assert curve.epoch.tolist() == [0, 1] and curve.val_pck.iloc[-1] == pytest.approx(info["best_val_pck"])
+    assert (tmp_path / "finetune" / "tiny_ft1" / "state" / "state.pt").is_file()
+    live = tmp_path / "finetune" / "tiny_ft1" / "live"
+    assert json.loads((live / "metrics.json").read_text())["val_pck"] == pytest.approx(curve.val_pck.iloc[-1])
+    logged = pd.read_csv(live / "plots" / "metrics" / "val_pck.tsv", sep="\t")
+    assert logged["step"].tolist() == [0, 1] and logged["val_pck"].tolist() == pytest.approx(curve.val_pck.tolist())
+    assert not (tmp_path / ".semcorr" / "partial" / "finetune" / "tiny_ft1").exists()  # work folder cleared
 
     # the tuned checkpoint loads through build_backbone like an official one, and differs from the base
     tuned = build_backbone(BackboneSpec(**{**TINY_SPECS[family], "random_init": False, "weights": str(out / "model.pth"), "sha256": info["sha256"]}))
@@ -270,25 +279,28 @@ def test_finetune_extract_match_evaluate_chain(prepared, tmp_path, family):
     assert all(torch.equal(saved[k], v) for k, v in tuned.state_dict().items())
     assert {k for k, v in base.state_dict().items() if not torch.equal(v, saved[k])} == set(info["trained_parameters"])
 
-    store_path = extract.main("synthetic", "tiny", params["backbone"]["tiny"], params["extract"], tuned=1, data_root=tmp_path, progress=False)
+    store_path = extract.main("synthetic", "tiny", model, EXTRACT, tuned=1, data_root=tmp_path, progress=False)
     store = open_store(store_path)
+    assert store.attrs["random_init"] is True and store.attrs["tuned_depth"] == 1
     image = store.image_ids[0]
     x, tf = tuned.preprocess(load_image(pd.read_parquet(prepared / "images.parquet").set_index("image_id").loc[image, "path"]))
     with torch.no_grad():
         expected = tuned(x[None])[0, :, : tf.grid_h, : tf.grid_w]
     torch.testing.assert_close(store.features(image), expected, rtol=1e-2, atol=1e-2)  # fp16 store
 
-    match.main("synthetic", "tiny_ft1", "argmax", params["match"], split="test", data_root=tmp_path)
-    metrics = json.loads((evaluate.main("synthetic", "tiny_ft1", "argmax", data_root=tmp_path) / "metrics.json").read_text())
-    assert metrics["variant"] == "tiny_ft1" and metrics["train_dataset"] == "synthetic"
-    assert metrics["n_pairs"] == 4 and 0.0 <= metrics["pck_image"]["0.1"] <= 1.0
+    match.main("synthetic", "tiny_ft1", "argmax", MATCH, split="test", data_root=tmp_path)
+    folder = evaluate.main("synthetic", "tiny_ft1", "argmax", [0.1], "test", MATCH, data_root=tmp_path)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    setting = json.loads((folder / "setting.json").read_text())
+    assert setting["variant"] == "tiny_ft1" and setting["train_dataset"] == "synthetic"
+    assert metrics["n_pairs"] == 4 and 0.0 <= metrics["pck_img@0.1"] <= 1.0
 
 
 def test_stage_refuses_unknown_settings_and_missing_weights(prepared, tmp_path):
     from semcorr.stages import finetune as finetune_stage
 
-    params = _workspace(prepared, tmp_path, "dinov2")
-    with pytest.raises(FinetuneError, match="unknown keys"):
-        finetune_stage.main("tiny", 1, {**params, "finetune": {**params["finetune"], "learning_rate": 1.0}}, data_root=tmp_path)
+    model, ft = _workspace(prepared, tmp_path, "dinov2")
+    with pytest.raises(FinetuneError, match="unknown finetune settings.*learning_rate"):
+        finetune_stage.main("tiny", 1, model, {**ft, "learning_rate": 1.0}, data_root=tmp_path)
     with pytest.raises(FileNotFoundError, match="weights.json"):
-        finetune_stage.main("tiny", 1, params, data_root=tmp_path / "nowhere")
+        finetune_stage.main("tiny", 1, model, ft, data_root=tmp_path / "nowhere")

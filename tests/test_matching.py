@@ -15,7 +15,8 @@ import torch
 from semcorr.pipeline.backbones.base import Backbone, BackboneSpec
 from semcorr.pipeline.coords import CellTransform
 from semcorr.pipeline.export import names_to_pair, write_matches_h5
-from semcorr.pipeline.matching import check_conf, locate, match_keypoints, match_pairs, mutual_nearest
+from semcorr.pipeline.matching import (check_conf, default_soft_conf, locate, match_keypoints, match_pairs,
+                                      mutual_nearest, peaks, refine, soft_argmax)
 from semcorr.pipeline.store import open_store, write_store
 from semcorr.pipeline.tables import flatten
 
@@ -40,6 +41,12 @@ def store_attrs(resize="pad", feat_dim=C, input_size=56, patch=8) -> dict:
         "layer": None, "patch_size": patch, "input_size": input_size, "resize": resize, "feat_dim": feat_dim,
         "dataset": "hand", "flips": False, "versions": {"test": "0"},
     }
+
+
+def predict(store, pairs, method="argmax", upsample=1, mutual=False, **soft) -> pd.DataFrame:
+    """The match stage's two steps: argmax (keeping windows), then soft-argmax from them."""
+    matches = match_pairs(store, pairs, {"upsample": upsample, "mutual": mutual, "max_window": 7})
+    return matches.table if method == "argmax" else refine(matches, soft)
 
 
 def pair_row(pair_id, src, trg, src_xy, trg_xy, category="cat", norm=10.0, visible=None) -> dict:
@@ -78,7 +85,7 @@ def test_shifted_copy_gives_exact_pixels_through_store(tmp_path, resize):
     path = write_store(tmp_path / "f.zarr", store_attrs(resize), [("a", src, t_src), ("b", trg, t_trg)])
     pairs = pd.DataFrame([pair_row("p0", "a", "b", src_xy, trg_xy), pair_row("p1", "a", "b", src_xy[::-1], trg_xy[::-1])])
     for method in ("argmax", "softargmax"):
-        pred = match_pairs(open_store(path), pairs, {"method": method, "temperature": 1e-4})
+        pred = predict(open_store(path), pairs, method, temperature=1e-4)
         assert list(pred.columns) == ["pair_id", "kp_index", "x", "y", "score", "reliable", "visible"]
         got = pred[pred.pair_id == "p0"][["x", "y"]].to_numpy()
         np.testing.assert_allclose(got, trg_xy, atol=1e-6)
@@ -170,7 +177,7 @@ def test_upsampled_argmax_exact_through_store(tmp_path):
     src_xy = t_src.cells_to_pixels(np.array(src_cells, float))
     trg_xy = t_trg.cells_to_pixels(np.array(trg_cells, float))
     pairs = pd.DataFrame([pair_row("p", "a", "b", src_xy, trg_xy)])
-    pred = match_pairs(open_store(path), pairs, {"upsample": 3})
+    pred = predict(open_store(path), pairs, upsample=3)
     np.testing.assert_allclose(pred[["x", "y"]].to_numpy(), trg_xy, atol=1e-6)
 
 
@@ -189,9 +196,10 @@ def test_mutual_filter_flags_a_planted_non_mutual_match(tmp_path):
     src_xy = t.cells_to_pixels(np.array([(1, 1), (4, 3)], float))
     trg_xy = t.cells_to_pixels(np.array([(0, 5), (2, 2)], float))
     pairs = pd.DataFrame([pair_row("p", "a", "b", src_xy, trg_xy)])
-    pred = match_pairs(open_store(path), pairs, {"mutual": True})
+    pred = predict(open_store(path), pairs, mutual=True)
     assert pred["reliable"].tolist() == [False, True]
-    assert match_pairs(open_store(path), pairs, {"mutual": False})["reliable"].tolist() == [True, True]
+    assert predict(open_store(path), pairs, "softargmax", mutual=True)["reliable"].tolist() == [False, True]
+    assert predict(open_store(path), pairs, mutual=False)["reliable"].tolist() == [True, True]
     # tensor level: the back-match lands within one cell -> still reliable
     src_t = torch.from_numpy(src)
     assert mutual_nearest(src_t[:, 6, 6][None], src_t, torch.tensor([[5.0, 5.0]])).item()
@@ -205,18 +213,20 @@ def test_invisible_and_missing_keypoints_and_bad_input(tmp_path):
     src_xy = src_xy[:3].copy()
     src_xy[2] = np.nan  # not annotated in the source
     pairs = pd.DataFrame([pair_row("p", "a", "b", src_xy, trg_xy[:3], visible=[True, False, False])])
-    pred = match_pairs(open_store(path), pairs, {})
+    pred = predict(open_store(path), pairs)
     assert pred["visible"].tolist() == [True, False, False]
     assert pred["reliable"].tolist() == [True, True, False]
     assert np.isnan(pred.loc[2, ["x", "y", "score"]].to_numpy(float)).all()
     np.testing.assert_allclose(pred.loc[:1, ["x", "y"]].to_numpy(), trg_xy[:2], atol=1e-6)
     bad = pd.DataFrame([pair_row("q", "a", "zzz", src_xy, trg_xy[:3])])
     with pytest.raises(KeyError, match="f.zarr.*zzz"):
-        match_pairs(open_store(path), bad, {})
-    with pytest.raises(ValueError, match="unknown match settings"):
+        match_pairs(open_store(path), bad)
+    with pytest.raises(ValueError, match="unknown match settings.*windw"):
         check_conf({"windw": 3})
-    with pytest.raises(ValueError, match="method"):
-        check_conf({"method": "nearest"})
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        check_conf({"temperature": 0}, default_soft_conf)
+    with pytest.raises(ValueError, match="window 5 exceeds the kept windows' radius 2"):
+        refine(match_pairs(open_store(path), pairs, {"max_window": 2}), {"window": 5})
 
 
 def test_export_h5_in_hloc_layout(tmp_path):
@@ -254,11 +264,12 @@ def test_eval_throughput_benchmark_smoke(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "12 / 30 / " in done.stdout and "time / bound (2 reads)" in done.stdout
-    pred = pd.read_parquet(tmp_path / "data" / "predictions" / "bench_bb" / "bench" / "argmax.parquet")
+    pred = pd.read_parquet(tmp_path / "data" / "predictions" / "bench_bb" / "bench" / "argmax" / "predictions.parquet")
     assert pred["pair_id"].nunique() == 30 and np.isfinite(pred[["x", "y"]].to_numpy()).all()
 
 
-@pytest.mark.parametrize("conf", [{"method": "argmax"}, {"method": "softargmax"}, {"method": "argmax", "upsample": 2}])
+@pytest.mark.parametrize("conf", [{"method": "argmax"}, {"method": "softargmax"}, {"method": "argmax", "upsample": 2},
+                                  {"method": "softargmax", "upsample": 2, "zero_outside": True, "temperature": 0.02}])
 def test_store_passes_equal_per_pair_reference(tmp_path, conf):
     """Bulk passes (gathered source descriptors, shared target products) = per-pair tensor matching."""
     from semcorr.pipeline.coords import sample_cells
@@ -275,7 +286,8 @@ def test_store_passes_equal_per_pair_reference(tmp_path, conf):
         src_xy = rng.uniform([-2, -2], [w + 1, h + 1], (int(rng.integers(1, 9)), 2))
         rows.append(pair_row(f"p{p}", f"i{s}", f"i{t}", src_xy, src_xy))
     pairs = pd.DataFrame(rows)
-    pred = match_pairs(store, pairs, conf)
+    soft = {k: conf[k] for k in ("zero_outside", "temperature") if k in conf}
+    pred = predict(store, pairs, conf["method"], conf.get("upsample", 1), **soft)
     for row in pairs.itertuples():
         xy = torch.from_numpy(np.asarray(row.source_kps, dtype=np.float64).reshape(-1, 2))
         g = store.transform(row.source_id).pixels_to_cells(xy).float()
@@ -285,3 +297,37 @@ def test_store_passes_equal_per_pair_reference(tmp_path, conf):
         got = pred[pred.pair_id == row.pair_id]
         np.testing.assert_allclose(got[["x", "y"]].to_numpy(), expected, atol=1e-3)
         np.testing.assert_allclose(got["score"].to_numpy(), scores[0].numpy(), atol=1e-5)
+
+
+def test_softargmax_from_kept_windows_equals_the_full_map():
+    """Step 2 reads only the windows around the argmax: it must give what a softmax over the
+    whole similarity map gives (zero_outside: cells outside the window count with similarity 0),
+    also for peaks at the border and windows smaller than the kept radius."""
+    gen = torch.Generator().manual_seed(3)
+    sim = torch.rand(200, 9, 13, generator=gen) * 2 - 1
+    sim[0, 0, 0] = sim[1, 8, 12] = sim[2, 4, 0] = 5.0  # peaks in corners and on an edge
+    found = peaks(sim, max_window=4)
+    for window, temperature, zero_outside in ((0, 0.1, False), (2, 0.05, False), (4, 0.3, False), (1, 0.02, True),
+                                              (4, 0.5, True)):
+        expected = _full_map_softargmax(sim, window, temperature, zero_outside)
+        got = soft_argmax(found.cells, found.windows, found.grid, window, temperature, zero_outside)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        cells, _ = locate(sim, "softargmax", window, temperature, zero_outside)
+        torch.testing.assert_close(cells, expected, rtol=0, atol=1e-5)
+
+
+def _full_map_softargmax(sim: torch.Tensor, window: int, temperature: float, zero_outside: bool) -> torch.Tensor:
+    """Reference written from the definition, float64, over every cell of every map."""
+    sim = sim.double()
+    q, h, w = sim.shape
+    flat = sim.reshape(q, -1)
+    peak = flat.argmax(1)
+    px, py = (peak % w)[:, None, None], (peak // w)[:, None, None]
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    inside = ((xs[None] - px).abs() <= window) & ((ys[None] - py).abs() <= window)
+    if zero_outside:
+        logits = torch.where(inside, sim, torch.zeros(())) / temperature
+    else:
+        logits = torch.where(inside, sim / temperature, torch.tensor(float("-inf"), dtype=torch.float64))
+    weights = torch.softmax(logits.reshape(q, -1), 1).reshape(q, h, w)
+    return torch.stack([(weights * xs).sum((1, 2)), (weights * ys).sum((1, 2))], 1).float()

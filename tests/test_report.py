@@ -104,28 +104,43 @@ def project(tmp_path_factory) -> Path:
     return build_project(tmp_path_factory.mktemp("project"))
 
 
+MATCH = {"argmax": {"upsample": 1, "mutual": True, "max_window": 3},
+         "softargmax": {"window": 2, "temperature": 0.05, "zero_outside": False}}
+WANTED = [(v, "toy", m) for v in ("toy_bb", "toy_bb_ft2") for m in ("argmax", "softargmax")]
+
+
+def run_all(data: Path, alphas, conf=MATCH) -> None:
+    for variant, dataset, method in WANTED:
+        match.main(dataset, variant, method, conf, "test", data_root=data)
+        evaluate.main(dataset, variant, method, alphas, "test", conf, data_root=data)
+
+
 def test_match_evaluate_report_files_and_numbers(project, tmp_path):
     data = project
     alphas = [0.05, 0.1, 0.15]
-    conf = {"window": 2, "temperature": 0.05, "zero_outside": False, "upsample": 1, "mutual": True}
-    for variant in ("toy_bb", "toy_bb_ft2"):
-        for method in ("argmax", "softargmax"):
-            out = match.main("toy", variant, method, conf, "test", data)
-            assert out == data / "predictions" / variant / "toy" / f"{method}.parquet"
-            pred = pd.read_parquet(out)
-            assert len(pred) == 11 * 5 and "p24" not in set(pred["pair_id"])  # 11 test pairs x 5 keypoints
-            evaluate.main("toy", variant, method, alphas, "test", data)
-    m = json.loads((data / "eval" / "toy_bb" / "toy" / "softargmax" / "metrics.json").read_text())
-    expected = direct_pck(data, "toy_bb", "softargmax", {k: conf[k] for k in ("window", "temperature")}, alphas)
-    assert m["pck_image"] == pytest.approx({str(a): v for a, v in expected.image.items()})
-    assert m["pck_point"] == pytest.approx({str(a): v for a, v in expected.point.items()})
+    run_all(data, alphas)
+    for variant, _, method in WANTED:
+        out = data / "predictions" / variant / "toy" / method
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            ["matches.h5", "predictions.parquet", "setting.json"] + (["windows.npz"] if method == "argmax" else []))
+        pred = pd.read_parquet(out / "predictions.parquet")
+        assert len(pred) == 11 * 5 and "p24" not in set(pred["pair_id"])  # 11 test pairs x 5 keypoints
+    folder = data / "eval" / "toy_bb" / "toy" / "softargmax"
+    m = json.loads((folder / "metrics.json").read_text())
+    s = json.loads((folder / "setting.json").read_text())
+    expected = direct_pck(data, "toy_bb", "softargmax", {"window": 2, "temperature": 0.05}, alphas)
+    assert {k: v for k, v in m.items() if k.startswith("pck_img")} == pytest.approx(
+        {f"pck_img@{a:g}": v for a, v in expected.image.items()})
+    assert {k: v for k, v in m.items() if k.startswith("pck_pt")} == pytest.approx(
+        {f"pck_pt@{a:g}": v for a, v in expected.point.items()})
     assert (m["n_pairs"], m["n_points"], m["n_pairs_no_visible"]) == (expected.n_pairs, expected.n_points, 1)
-    assert (m["phase"], m["norm_kind"], m["random_init"], m["match"]["window"]) == (3, "image", True, 2)
-    pred = pd.read_parquet(data / "predictions" / "toy_bb" / "toy" / "softargmax.parquet")
+    assert all(isinstance(v, (int, float)) for v in m.values()), "metrics.json holds numbers only"
+    assert (s["phase"], s["norm_kind"], s["random_init"], s["match"]["softargmax"]["window"]) == (3, "image", True, 2)
+    pred = pd.read_parquet(data / "predictions" / "toy_bb" / "toy" / "softargmax" / "predictions.parquet")
     assert m["mutual_reliable"] == pytest.approx(pred.loc[pred["visible"], "reliable"].mean())
 
     out = data / "eval" / "toy_bb" / "toy" / "argmax"
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_category.csv", "reports"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_category.csv", "reports", "setting.json"]
     assert sorted(p.name for p in (out / "reports").iterdir()) == [
         "phase1_argmax_image_report.txt", "phase1_argmax_kpt_report.txt"]
     text = (out / "reports" / "phase1_argmax_image_report.txt").read_text()
@@ -139,18 +154,22 @@ def test_match_evaluate_report_files_and_numbers(project, tmp_path):
     tuned = data / "eval" / "toy_bb_ft2" / "toy"
     assert (tuned / "argmax" / "reports" / "phase4_argmax_image_report.txt").is_file()
     assert "trained on: other" in (tuned / "softargmax" / "reports" / "phase4_softargmax_kpt_report.txt").read_text()
-    with h5py.File(data / "predictions" / "toy_bb" / "toy" / "argmax.h5", "r") as f:
+    with h5py.File(data / "predictions" / "toy_bb" / "toy" / "argmax" / "matches.h5", "r") as f:
         assert f["im1/im3"]["matches0"].shape == (5,)
 
-    results = report.main(data, tmp_path / "results", pictures_per_category=1, max_pair_pictures=1)
+    results = report.main(WANTED, data, tmp_path / "results", pictures_per_category=1, max_pair_pictures=1)
     summary = pd.read_csv(results / "summary.csv")
     assert len(summary) == 4 and set(summary["phase"]) == {1, 3, 4}
     row = summary[(summary.variant == "toy_bb") & (summary.method == "softargmax")].iloc[0]
-    assert row["pck_point@0.1"] == pytest.approx(expected.point[0.1])
+    assert row["pck_pt@0.1"] == pytest.approx(expected.point[0.1])
     assert "| toy_bb | 3 | toy | softargmax |" in (results / "summary.md").read_text()
     assert (results / "reports" / "toy_bb_ft2" / "toy" / "phase4_softargmax_kpt_report.txt").is_file()
     metrics = json.loads((results / "metrics.json").read_text())
-    assert metrics["toy_bb/toy/softargmax"]["pck_image@0.1"] == pytest.approx(expected.image[0.1])
+    assert metrics["toy_bb"]["toy"]["softargmax"]["pck_img@0.1"] == pytest.approx(expected.image[0.1])
+    bars = pd.read_csv(results / "plots" / "pck" / "toy_softargmax.csv")
+    assert list(bars.columns) == ["label", "pck_img"] and "all · toy_bb_ft2" in set(bars["label"])
+    assert bars.set_index("label").loc["all · toy_bb", "pck_img"] == pytest.approx(100 * expected.image[0.1], abs=1e-4)
+    assert (results / "charts" / "pck_toy_argmax.png").stat().st_size > 1000
     pictures = results / "pictures"
     assert (pictures / "toy_bb_ft2" / "toy" / "argmax" / "pair_p02.png").is_file()
     assert (pictures / "toy_bb" / "toy" / "softargmax" / "category_b.png").is_file()
@@ -167,10 +186,11 @@ def test_phase_derivation():
 
 
 def test_bad_inputs_fail_clearly_without_partial_output(project, tmp_path):
-    with pytest.raises(FileNotFoundError, match="predictions/toy_bb/toy/nomethod.parquet"):
-        evaluate.main("toy", "toy_bb", "nomethod", [0.1], "test", project)
+    with pytest.raises(FileNotFoundError, match="predictions/toy_bb/toy/nomethod"):
+        evaluate.main("toy", "toy_bb", "nomethod", [0.1], "test", data_root=project)
     with pytest.raises(Exception, match="features/absent/toy.zarr"):
-        match.main("toy", "absent", "argmax", {}, "test", project)
+        match.main("toy", "absent", "argmax", MATCH, "test", data_root=project)
     assert not (project / "predictions" / "absent").exists()
-    with pytest.raises(FileNotFoundError, match="no evaluations"):
-        report.main(tmp_path / "empty", tmp_path / "results", 0, 0)
+    with pytest.raises(FileNotFoundError, match="eval/toy_bb/nowhere/argmax: no evaluation"):
+        report.main([("toy_bb", "nowhere", "argmax")], project, tmp_path / "results", 0, 0)
+    assert not (tmp_path / "results").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semcorr.pipeline.datasets import synthetic
+from semcorr.pipeline.datasets import DatasetError, prepare, synthetic
 from semcorr.pipeline.tables import keypoints, read_images, read_pairs
 from semcorr.stages import download as download_stage
 from semcorr.stages import prepare as prepare_stage
@@ -110,3 +111,33 @@ def test_bad_conf_is_refused(tmp_path):
     with pytest.raises(ValueError, match="categories"):
         synthetic.generate(tmp_path / "raw", {**CONF, "categories": 99})
     assert not (tmp_path / "raw").exists()
+
+
+def rewrite_annotations(raw: Path, edit) -> Path:
+    path = raw / synthetic.ANNOTATIONS
+    annotations = json.loads(path.read_text())
+    edit(annotations)
+    path.write_text(json.dumps(annotations))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: [ann.update(split="trn") for ann in a["images"].values()], "no pairs in split 'val'"),
+    (lambda a: a.update(images={}), "no pairs"),
+    (lambda a: a.pop("images"), "images"),
+    (lambda a: next(iter(a["images"].values())).pop("visible"), "visible"),
+], ids=["one-split", "no-images", "no-images-key", "no-visible"])
+def test_bad_annotations_are_refused_naming_the_file(tmp_path, edit, message):
+    raw = synthetic.generate(tmp_path / "raw", {**CONF, "categories": 1})
+    path = rewrite_annotations(raw, edit)
+    with pytest.raises(DatasetError, match=message) as err:
+        prepare("synthetic", raw, tmp_path / "prepared")
+    assert str(path) in str(err.value)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_annotations_that_are_not_json_are_refused(tmp_path):
+    raw = synthetic.generate(tmp_path / "raw", {**CONF, "categories": 1})
+    (raw / synthetic.ANNOTATIONS).write_text("{not json")
+    with pytest.raises(DatasetError, match=f"{raw / synthetic.ANNOTATIONS}: not valid JSON"):
+        prepare("synthetic", raw, tmp_path / "prepared")

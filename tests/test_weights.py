@@ -7,7 +7,9 @@ import hashlib
 import pytest
 import torch
 
-from semcorr.pipeline.weights import WeightsError, is_torchscript, load_verified, read_state_dict, sha256_file, verify
+from semcorr.pipeline.download import WEIGHTS, Resource
+from semcorr.pipeline.weights import (WeightsError, is_torchscript, load_verified, official_hashes, read_state_dict,
+                                     sha256_file, verify)
 from tiny import write_official_checkpoint
 
 
@@ -82,12 +84,17 @@ def test_read_state_dict_refuses_garbage_and_non_tensor_content(tmp_path):
         read_state_dict(numbers)
 
 
-def test_torchscript_archive_is_read_with_its_tensors(tmp_path):
-    """OpenAI's CLIP ``.pt`` files are TorchScript archives, not torch.save pickles."""
+def test_torchscript_archive_is_read_with_its_tensors_when_registered(monkeypatch, tmp_path):
+    """OpenAI's CLIP ``.pt`` files are TorchScript archives, not torch.save pickles: read
+    through ``torch.jit.load`` only because their sha256 is in the registry."""
     scripted, plain = tmp_path / "clip.pt", tmp_path / "clip.pth"
     sha = write_official_checkpoint("clip", scripted, torchscript=True)
     write_official_checkpoint("clip", plain)
     assert is_torchscript(scripted) and not is_torchscript(plain)
+    with pytest.raises(WeightsError, match="TorchScript"):
+        load_verified(scripted, sha)
+    monkeypatch.setitem(WEIGHTS, "clip_tiny", Resource(None, "clip.pt", sha))
+    assert sha in official_hashes()
     got, expected = load_verified(scripted, sha), read_state_dict(plain)
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Mapping
+from pathlib import Path
 
 from semcorr.pipeline.backbones.base import Backbone, BackboneSpec, default_spec
 
@@ -30,4 +32,14 @@ def build_backbone(spec: BackboneSpec | Mapping) -> Backbone:
     return importlib.import_module(FAMILIES[spec.family]).build(spec)
 
 
-__all__ = ["Backbone", "BackboneSpec", "FAMILIES", "build_backbone", "default_spec"]
+def code_digest() -> str:
+    """sha256 over the source of the backbone families and the coordinate convention: a
+    cache of backbone outputs built by other code than this is stale."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(here.glob("*.py")) + [here.parent / "coords.py"]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+__all__ = ["Backbone", "BackboneSpec", "FAMILIES", "build_backbone", "code_digest", "default_spec"]

@@ -1,8 +1,11 @@
-"""Shared pieces of the dataset parsers: image headers, keypoint checks, PCK normalisers, rows."""
+"""Shared pieces of the dataset parsers: pair-list CSV rows, numbers and image paths, image
+headers, keypoint checks, PCK normalisers, rows."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import csv
+import math
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -10,10 +13,10 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import track as _track
 
+from semcorr.pipeline.datasets import DatasetError
 from semcorr.pipeline.tables import IMAGE_COLUMNS, KEYPOINT_TOLERANCE, PAIR_COLUMNS, SPAIR_COLUMNS, flatten
 
 SPLITS = ("trn", "val", "test")
-
 
 _console = Console(stderr=True)
 
@@ -23,8 +26,56 @@ def track(items, description: str):
     return _track(items, description=description, console=_console, transient=True)
 
 
-class DatasetError(ValueError):
-    """Bad raw dataset input; the message names the file and the fault."""
+def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A pair list -> (header, [(row number, {column: text})]); the header is row 1, blank
+    lines are skipped. `DatasetError` naming the file (and the row) for a missing, unreadable,
+    empty or header-only file, and for a row whose field count differs from the header's."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: pair list not found")
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise DatasetError(f"{path}: empty file; expected a header row, then one row per pair")
+            for fields in reader:
+                if not fields:
+                    continue
+                if len(fields) != len(header):
+                    raise DatasetError(f"{path}: row {reader.line_num}: {len(fields)} fields, "
+                                       f"expected {len(header)} (as in the header)")
+                rows.append((reader.line_num, dict(zip(header, fields))))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{path}: not a readable CSV file ({exc})") from exc
+    if not rows:
+        raise DatasetError(f"{path}: no pairs (a header and no rows)")
+    return header, rows
+
+
+def number(text: str, where: str, column: str) -> float:
+    """One coordinate field -> float; `DatasetError` naming ``where`` and ``column`` unless it
+    is a finite number."""
+    text = text.strip()
+    if not text or text.lower() == "nan":
+        raise DatasetError(f"{where}: NaN keypoints (column {column} is {text!r})")
+    try:
+        value = float(text)
+    except ValueError:
+        raise DatasetError(f"{where}: column {column} is {text!r}, not a number") from None
+    if not math.isfinite(value):
+        raise DatasetError(f"{where}: column {column} is {text!r}, not a finite number")
+    return value
+
+
+def relative_image(text: str, where: str) -> str:
+    """An image path read from an annotation, checked to stay inside the raw dataset folder
+    (not absolute, no ``..``): `DatasetError` naming ``where`` otherwise."""
+    pure = PurePosixPath(text.replace("\\", "/"))
+    if not text or pure.is_absolute() or ".." in pure.parts:
+        raise DatasetError(f"{where}: image path {text!r} lies outside the raw dataset folder")
+    return text
 
 
 def image_size(path: Path) -> tuple[int, int]:

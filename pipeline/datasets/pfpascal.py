@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from semcorr.pipeline.coords import from_matlab
-from semcorr.pipeline.datasets.common import (SPLITS, DatasetError, check_pair_images, images_table, pair_row,
-                                      pairs_table)
+from semcorr.pipeline.datasets import DatasetError
+from semcorr.pipeline.datasets.common import (SPLITS, check_pair_images, images_table, number, pair_row, pairs_table,
+                                              read_csv_rows, relative_image)
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -36,41 +37,34 @@ def read_pair_list(csv_path: Path) -> list[dict]:
     """Parse one pair list (no image access) -> one dict per unique (source, target) row:
     source, target (relative paths), category, source_xy / target_xy ``[N, 2]`` 0-based."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DatasetError(f"{csv_path}: pair list not found")
-    table = pd.read_csv(csv_path, dtype=str)
-    missing = [c for c in COLUMNS if c not in table.columns]
+    header, rows = read_csv_rows(csv_path)
+    missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise DatasetError(f"{csv_path}: lacks columns {missing}")
     pairs, seen = [], set()
-    for index, values in enumerate(table.to_dict("records")):
-        where = f"{csv_path}: row {index + 2}"
+    for line, values in rows:
+        where = f"{csv_path}: row {line}"
         key = (values["source_image"], values["target_image"])
         if key in seen:
             continue
         seen.add(key)
         xa, ya, xb, yb = (_numbers(values[c], where, c) for c in ("XA", "YA", "XB", "YB"))
-        if not len(xa) == len(ya) == len(xb) == len(yb) or not len(xa):
+        if not len(xa) == len(ya) == len(xb) == len(yb):
             raise DatasetError(f"{where}: keypoint lists differ in length "
                                f"(XA {len(xa)}, YA {len(ya)}, XB {len(xb)}, YB {len(yb)})")
         try:
             category = CLASSES[int(values["class"]) - 1]
         except (ValueError, IndexError):
             raise DatasetError(f"{where}: class {values['class']!r} is not 1..{len(CLASSES)}") from None
-        pairs.append({"source": values["source_image"], "target": values["target_image"], "category": category,
-                      "source_xy": from_matlab(np.stack([xa, ya], axis=1)),
+        pairs.append({"source": relative_image(key[0], where), "target": relative_image(key[1], where),
+                      "category": category, "source_xy": from_matlab(np.stack([xa, ya], axis=1)),
                       "target_xy": from_matlab(np.stack([xb, yb], axis=1))})
     return pairs
 
 
 def _numbers(text: str, where: str, column: str) -> np.ndarray:
-    try:
-        values = np.array([float(v) for v in str(text).split(";")], dtype=np.float64)
-    except ValueError:
-        raise DatasetError(f"{where}: column {column} is not a ';'-separated list of numbers") from None
-    if np.isnan(values).any():
-        raise DatasetError(f"{where}: NaN keypoints in column {column}")
-    return values
+    """A ``;``-separated list of coordinates -> ``[N]`` float64."""
+    return np.array([number(v, where, column) for v in text.split(";")], dtype=np.float64)
 
 
 def parse(raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

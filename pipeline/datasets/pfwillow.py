@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from semcorr.pipeline.coords import from_matlab
-from semcorr.pipeline.datasets.common import (DatasetError, check_pair_images, images_table, kpts_norm, pair_row,
-                                      pairs_table)
+from semcorr.pipeline.datasets import DatasetError
+from semcorr.pipeline.datasets.common import (check_pair_images, images_table, kpts_norm, number, pair_row,
+                                              pairs_table, read_csv_rows, relative_image)
 
 PAIR_LIST = "test_pairs.csv"
 
@@ -25,22 +26,19 @@ def read_pair_list(csv_path: Path) -> list[dict]:
     """Parse the pair list -> one dict per row: source, target (relative paths), category
     (the image's class folder), source_xy / target_xy ``[N, 2]`` 0-based pixel centres."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DatasetError(f"{csv_path}: pair list not found")
-    table = pd.read_csv(csv_path)
-    coords = {axis: sorted((c for c in table.columns if c.startswith(axis) and c[2:].isdigit()),
-                           key=lambda c: int(c[2:])) for axis in ("XA", "YA", "XB", "YB")}
-    if {"imageA", "imageB"} - set(table.columns) or len({len(v) for v in coords.values()}) != 1 or not coords["XA"]:
+    header, rows = read_csv_rows(csv_path)
+    coords = {axis: sorted((c for c in header if c.startswith(axis) and c[2:].isdigit()), key=lambda c: int(c[2:]))
+              for axis in ("XA", "YA", "XB", "YB")}
+    if {"imageA", "imageB"} - set(header) or len({len(v) for v in coords.values()}) != 1 or not coords["XA"]:
         raise DatasetError(f"{csv_path}: expected columns imageA, imageB, XA1.., YA1.., XB1.., YB1..")
     pairs = []
-    for index, values in enumerate(table.to_dict("records")):
-        src = np.stack([[values[x] for x in coords["XA"]], [values[y] for y in coords["YA"]]], axis=1)
-        trg = np.stack([[values[x] for x in coords["XB"]], [values[y] for y in coords["YB"]]], axis=1)
-        if np.isnan(src).any() or np.isnan(trg).any():
-            raise DatasetError(f"{csv_path}: row {index + 2}: NaN keypoints")
-        pairs.append({"source": values["imageA"], "target": values["imageB"],
-                      "category": PurePosixPath(values["imageA"]).parent.name,
-                      "source_xy": from_matlab(src), "target_xy": from_matlab(trg)})
+    for line, values in rows:
+        where = f"{csv_path}: row {line}"
+        xy = {axis: [number(values[c], where, c) for c in columns] for axis, columns in coords.items()}
+        source, target = (relative_image(values[c], where) for c in ("imageA", "imageB"))
+        pairs.append({"source": source, "target": target, "category": PurePosixPath(source).parent.name,
+                      "source_xy": from_matlab(np.stack([xy["XA"], xy["YA"]], axis=1)),
+                      "target_xy": from_matlab(np.stack([xy["XB"], xy["YB"]], axis=1))})
     return pairs
 
 

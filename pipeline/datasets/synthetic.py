@@ -27,7 +27,8 @@ from skimage.color import gray2rgb, rgb2gray
 from skimage.feature import corner_harris, corner_peaks
 from skimage.transform import ProjectiveTransform, resize, warp
 
-from semcorr.pipeline.datasets.common import DatasetError, check_pair_images, images_table, pair_row, pairs_table
+from semcorr.pipeline.datasets import DatasetError
+from semcorr.pipeline.datasets.common import SPLITS, check_pair_images, images_table, pair_row, pairs_table
 from semcorr.pipeline.io import atomic_path
 
 default_conf = {
@@ -118,13 +119,39 @@ def _split_groups(n_images: int) -> list[str]:
     return ["trn"] * n_train + ["val"] * n_eval + ["test"] * n_eval
 
 
+def read_annotations(path: Path) -> dict[str, dict]:
+    """``annotations.json`` -> image id -> {category, split, keypoints ``[N, 2]``, visible ``[N]``};
+    `DatasetError` naming the file for invalid JSON or a missing or malformed entry."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: annotations not found; run `semcorr download synthetic` first")
+    try:
+        images = json.loads(path.read_text())["images"]
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+    except (KeyError, TypeError):
+        raise DatasetError(f"{path}: lacks the 'images' object") from None
+    if not isinstance(images, dict):
+        raise DatasetError(f"{path}: 'images' is not an object")
+    for image_id, ann in images.items():
+        missing = [key for key in ("category", "split", "keypoints", "visible")
+                   if not isinstance(ann, dict) or key not in ann]
+        if missing:
+            raise DatasetError(f"{path}: image {image_id} lacks {missing}")
+        try:
+            xy = np.asarray(ann["keypoints"], dtype=np.float64)
+        except (TypeError, ValueError):
+            xy = np.empty(0)
+        if ann["split"] not in SPLITS or xy.ndim != 2 or xy.shape[1] != 2 or np.shape(ann["visible"]) != xy.shape[:1]:
+            raise DatasetError(f"{path}: image {image_id} needs a split in {SPLITS}, keypoints [N, 2] "
+                               "and N visible flags")
+    return images
+
+
 def parse(raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``raw_dir`` -> (pairs, images) tables: ordered pairs of distinct images per category and split."""
     raw_dir = Path(raw_dir)
     path = raw_dir / ANNOTATIONS
-    if not path.is_file():
-        raise DatasetError(f"{path}: annotations not found; run `semcorr download synthetic` first")
-    annotations = json.loads(path.read_text())["images"]
+    annotations = read_annotations(path)
     image_table = images_table({image_id: (raw_dir / image_id, ann["category"])
                                 for image_id, ann in annotations.items()})
     sizes = image_table.set_index("image_id")
@@ -141,5 +168,9 @@ def parse(raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             rows.append(pair_row(f"{split}/{category}/{Path(source).stem}-{Path(target).stem}", split, category,
                                  source, target, np.asarray(src["keypoints"]), np.asarray(trg["keypoints"]),
                                  visible, float(sizes.loc[target, ["width", "height"]].max()), "image"))
+    for split in SPLITS:
+        if not any(row["split"] == split for row in rows):
+            raise DatasetError(f"{path}: no pairs in split {split!r} (each needs two images of one category "
+                               "sharing a visible keypoint)")
     check_pair_images(rows, image_table, str(path))
     return pairs_table(rows), image_table

@@ -1,0 +1,68 @@
+"""What every stage shares: one-line errors, the weights record, the store a variant expects."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True, soft_wrap=True)
+DATA = Path("data")
+# Expected failures (bad input, missing upstream output) print one line and exit 1;
+# SEMCORR_DEBUG=1 shows the traceback instead.
+EXPECTED = (ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError)
+
+
+@contextmanager
+def clean_errors() -> Iterator[None]:
+    """Turn an expected failure into ``error: <message>`` on stderr and exit status 1."""
+    try:
+        yield
+    except EXPECTED as exc:
+        if os.environ.get("SEMCORR_DEBUG"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        console.print(f"[red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def weights_info(data_root: Path, variant: str) -> dict:
+    """``data/weights/<variant>/weights.json`` (written by the weights or finetune stage)."""
+    path = Path(data_root) / "weights" / variant / "weights.json"
+    if not path.is_file():
+        base, _, depth = variant.rpartition("_ft")
+        hint = (f"semcorr finetune --backbone {base} --depth {depth}" if base and depth.isdigit()
+                else f"semcorr download {variant}")
+        raise FileNotFoundError(f"{path}: not found; run `{hint}` first")
+    return json.loads(path.read_text())
+
+
+def expected_store_attrs(backbone: str, variant: str, tuned: int | None, model: dict, weights: dict,
+                         dataset: str, flips: bool) -> dict:
+    """The store attrs that params (``backbone.<key>.model``, ``extract.flips``) and the
+    weights record fix: what a reader of ``data/features/<variant>/<dataset>.zarr`` checks."""
+    return {
+        "backbone": backbone, "variant": variant, "tuned_depth": tuned, "dataset": dataset, "flips": bool(flips),
+        "family": model["family"], "model": model["variant"], "arch": dict(model["arch"]), "layer": model["layer"],
+        "input_size": int(model["input_size"]), "resize": model["resize"],
+        "weights_sha256": weights.get("sha256") if weights.get("file") else None,
+        "random_init": bool(weights.get("random_init", False)),
+    }
+
+
+def steps(items, description: str, label=str):
+    """Iterate ``items`` showing progress: a bar on a terminal, else one log line per item."""
+    items = list(items)
+    if console.is_terminal:
+        from rich.progress import track
+
+        yield from track(items, description=description, console=console, transient=True)
+        return
+    for n, item in enumerate(items, 1):
+        console.print(f"{description} {n}/{len(items)}: {label(item)}", highlight=False)
+        yield item
