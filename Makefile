@@ -47,6 +47,8 @@ bench: install
 	$(BIN)/python benchmarks/extract_throughput.py
 	$(BIN)/python benchmarks/finetune_step.py
 	$(BIN)/python benchmarks/eval_throughput.py
+	$(BIN)/python benchmarks/cost_model.py
+	$(BIN)/python benchmarks/propagation.py
 
 clean:
 	rm -rf $(DEMO_DIR)

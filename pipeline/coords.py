@@ -27,10 +27,11 @@ no other module converts coordinates by hand.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ class CellTransform:
     def _affine(self, like):
         scale = [self.scale_x, self.scale_y]
         offset = [self.offset_x, self.offset_y]
-        if isinstance(like, torch.Tensor):
+        if _is_tensor(like):
+            import torch
+
             kw = dict(dtype=like.dtype if like.is_floating_point() else torch.float64, device=like.device)
             return torch.tensor(scale, **kw), torch.tensor(offset, **kw)
         return np.asarray(scale), np.asarray(offset)
@@ -118,6 +121,21 @@ def cells_to_pixels_rows(g: np.ndarray, transforms: np.ndarray) -> np.ndarray:
     own transform (``transforms: [K, 8]``, `CellTransform.to_array` rows) -> ``[K, 2]`` pixels."""
     scale, offset = transforms[:, 0:2], transforms[:, 2:4]
     return (np.asarray(g, dtype=np.float64) - offset) / scale
+
+
+def resized_points(xy: np.ndarray, image_wh: np.ndarray, side: int) -> np.ndarray:
+    """``xy: [N, 2]`` pixel centres in images of ``image_wh: [N, 2]`` (width, height) ->
+    the same points after resizing each image to ``side`` x ``side`` (edge-aligned, as
+    preprocessing's squash: u = (x + 0.5) * side / width - 0.5)."""
+    scale = side / np.asarray(image_wh, dtype=np.float64)
+    return (np.asarray(xy, dtype=np.float64) + 0.5) * scale - 0.5
+
+
+def clamp_to_image(xy: np.ndarray, image_wh: np.ndarray) -> np.ndarray:
+    """``xy: [N, 2]`` -> the nearest points with pixel-centre coordinates inside the image
+    (``0 <= x <= width - 1``, ``0 <= y <= height - 1``); ``image_wh: [N, 2]`` or ``[2]``; NaN stays NaN."""
+    upper = np.asarray(image_wh, dtype=np.float64) - 1
+    return np.clip(np.asarray(xy, dtype=np.float64), 0, upper)
 
 
 def from_matlab(xy: np.ndarray) -> np.ndarray:
@@ -136,7 +154,9 @@ def flip_points(xy: np.ndarray, image_w: int) -> np.ndarray:
 def round_cells(g: np.ndarray | torch.Tensor, grid_h: int, grid_w: int) -> np.ndarray | torch.Tensor:
     """``g: [..., 2]`` continuous cell coords -> ``[..., 2]`` int64 (j, i) of the cell whose box
     holds the point, clamped to the grid."""
-    if isinstance(g, torch.Tensor):
+    if _is_tensor(g):
+        import torch
+
         j = torch.floor(g[..., 0] + 0.5).clamp(0, grid_w - 1)
         i = torch.floor(g[..., 1] + 0.5).clamp(0, grid_h - 1)
         return torch.stack([j, i], dim=-1).long()
@@ -153,6 +173,8 @@ def inside_cells(g: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
 def cells_to_grid(g: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     """``g: [..., 2]`` cell coords -> normalised coords for
     ``grid_sample(..., align_corners=False)`` on a ``grid_h x grid_w`` map."""
+    import torch
+
     size = torch.tensor([grid_w, grid_h], dtype=g.dtype, device=g.device)
     return (2.0 * g + 1.0) / size - 1.0
 
@@ -164,6 +186,8 @@ def sample_cells(feats: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     Points outside the grid take the border value.
     """
     grid = cells_to_grid(g.to(feats.dtype), feats.shape[-2], feats.shape[-1])
+    import torch.nn.functional as F
+
     out = F.grid_sample(feats, grid[:, None], mode="bilinear", padding_mode="border", align_corners=False)
     return out[:, :, 0].transpose(1, 2)
 
@@ -177,6 +201,8 @@ def sample_map(feats: np.ndarray | torch.Tensor, g: np.ndarray | torch.Tensor) -
     -> [N, C] float32: `sample_cells` on the float32 map (grid_sample,
     align_corners=False, border padding), up to float32 rounding; non-finite points give NaN.
     """
+    import torch
+
     feats = feats.numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
     g = np.asarray(g, dtype=np.float64).reshape(-1, 2)
     c, h, w = feats.shape
@@ -203,4 +229,11 @@ def upsampled_cells_to_cells(g_up: torch.Tensor | np.ndarray, factor: int):
 
 def flat_index_to_cells(index: torch.Tensor, grid_w: int) -> torch.Tensor:
     """``index: [...]`` flat index into an ``h x w`` map -> ``[..., 2]`` cell coords (gx, gy)."""
+    import torch
+
     return torch.stack([index % grid_w, torch.div(index, grid_w, rounding_mode="floor")], dim=-1)
+
+
+def _is_tensor(value) -> bool:
+    """A torch tensor, told apart without importing torch (numpy-only callers never load it)."""
+    return type(value).__module__.startswith("torch")

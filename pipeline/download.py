@@ -1,7 +1,8 @@
 """Checksummed, resumable downloads of datasets and backbone weights, imports from local
 sources, and safe archive extraction.
 
-All official sources live in `DATASETS` and `WEIGHTS` (name -> url, filename, sha256).
+All official sources live in `DATASETS`, `VIDEO_DATASETS` and `WEIGHTS` (name -> url,
+filename, sha256).
 A ``sha256`` of ``None`` means no published hash was found: that one file is fetched
 unverified, with a warning, and its computed hash is recorded in the output manifest.
 
@@ -117,6 +118,43 @@ DATASETS: dict[str, DatasetSource] = {
         ),
         markers=("PF-dataset", "test_pairs.csv"),
         homepage="https://www.di.ens.fr/willow/research/proposalflow/",
+    ),
+    "hpatches": DatasetSource(
+        resources=(Resource("http://icvl.ee.ic.ac.uk/vbalnt/hpatches/hpatches-sequences-release.tar.gz",
+                            "hpatches-sequences-release.tar.gz", None, extract=True),),
+        markers=("hpatches-sequences-release",),
+        homepage="https://github.com/hpatches/hpatches-dataset",
+    ),
+}
+# AP-10k: the official ap-10k.zip (AP-10K's README links this Google Drive file; GeoAware-SC fetches the
+# same); no sha256 is published. One archive, three pair settings (`pipeline.datasets.ap10k`): each
+# key downloads it into its own data/raw/<key>/ (one copy in DVC's cache, one fetch in data/downloads).
+_AP10K = DatasetSource(
+    resources=(Resource("https://drive.usercontent.google.com/download?id=1-FNNGcdtAQRehYYkGY1y4wzFNg4iWNad"
+                        "&export=download&confirm=t", "ap-10k.zip", None, extract=True),),
+    markers=("annotations", "data"),
+    homepage="https://github.com/AlexTheBad/AP-10K",
+)
+DATASETS.update({"ap10k": _AP10K, "ap10k_cross_species": _AP10K, "ap10k_cross_family": _AP10K})
+
+# Video datasets for label propagation (no pairs: kept apart from the correspondence sets).
+# No published sha256 was found for these archives either: recorded as None, hashed on download.
+VIDEO_DATASETS: dict[str, DatasetSource] = {
+    "davis": DatasetSource(
+        resources=(Resource("https://data.vision.ee.ethz.ch/csergi/share/davis/DAVIS-2017-trainval-480p.zip",
+                            "DAVIS-2017-trainval-480p.zip", None, extract=True),),
+        markers=("JPEGImages", "Annotations", "ImageSets"),
+        homepage="https://davischallenge.org/davis2017/code.html",
+    ),
+    "jhmdb": DatasetSource(
+        resources=(
+            Resource("http://files.is.tue.mpg.de/jhmdb/Rename_Images.tar.gz", "Rename_Images.tar.gz", None, extract=True),
+            Resource("http://files.is.tue.mpg.de/jhmdb/joint_positions.zip", "joint_positions.zip", None, extract=True),
+            # the official train/test splits; the parser reads <action>_test_split1.txt wherever they land
+            Resource("http://files.is.tue.mpg.de/jhmdb/splits.zip", "splits.zip", None, extract=True),
+        ),
+        markers=("Rename_Images", "joint_positions"),
+        homepage="http://jhmdb.is.tue.mpg.de/",
     ),
 }
 
@@ -415,9 +453,9 @@ def download_dataset(name: str, out_dir: Path, source: Path | None = None,
     The folder appears only when complete, with ``manifest.json`` (see the module docstring).
     A finished folder whose source is unchanged is kept, unless ``force``.
     """
-    if name not in DATASETS:
-        raise DownloadError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
-    spec = DATASETS[name]
+    if name not in DATASETS and name not in VIDEO_DATASETS:
+        raise DownloadError(f"unknown dataset {name!r}; known: {sorted(DATASETS) + sorted(VIDEO_DATASETS)}")
+    spec = DATASETS.get(name) or VIDEO_DATASETS[name]
     param = f"download.{name}.source"
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     origin = str(source) if source is not None else "official"

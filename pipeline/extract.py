@@ -19,6 +19,13 @@ partial store, and whoever finishes last promotes it. A lock under
 ``<work_root>/locks`` lets writers of one configuration share a store and refuses others.
 Batches never cross shard boundaries, so an image is computed in the same batch whatever
 was skipped: resumed and split runs give bitwise the same store as one uninterrupted run.
+
+Scale-out (`pipeline.distributed`): under torchrun, each rank is a part (rank r of K takes
+part ``(i + n*r, n*K)`` of ``--shard i/n``); rank 0 prepares the store before the others plan
+and finalises it after a barrier. A SLURM job array (`extract_by_tasks`) has its tasks
+extract their parts without finalising, and the process that submitted them prepares and
+finalises. On object storage (``out`` a URL, `pipeline.objectstore`) there is no flock and
+no rename: the store is built in place, see `_ObjectSite`.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -46,9 +53,11 @@ from rich.text import Text
 from torch.utils.data import DataLoader, Dataset
 
 from semcorr.pipeline.backbones.base import Backbone
+from semcorr.pipeline.distributed import Team
 from semcorr.pipeline.io import WORK_DIR
-from semcorr.pipeline.store import (DEFAULT_CODEC, FeatureStore, StoreError, create_store, library_versions,
-                                    open_matching, replace_store, store_layout)
+from semcorr.pipeline.objectstore import is_url
+from semcorr.pipeline.store import (DEFAULT_CODEC, FeatureStore, ShardMissing, StoreError, StoreMismatch,
+                                    create_store, library_versions, open_matching, replace_store, store_layout)
 
 default_conf = {
     "batch_size": 8,  # images per forward (a batch never spans two store shards)
@@ -65,7 +74,7 @@ class ExtractError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExtractResult:
-    path: Path
+    path: Path | str
     images: int  # images in the store
     skipped: int  # images of this part found intact on disk (partial store or the old store)
     extracted: int  # images forwarded by this run
@@ -97,9 +106,12 @@ def store_attrs(backbone: Backbone, key: str, variant: str, dataset: str, weight
     }
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` = cuda when available, else cpu; plain ``cuda`` under torchrun = the rank's own GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank)
     return torch.device(device)
 
 
@@ -111,12 +123,15 @@ def partial_path(work_root: Path, out: Path) -> Path:
 def extract_features(
     backbone: Backbone,
     images: pd.DataFrame,
-    out: Path,
+    out: Path | str,
     attrs: dict,
     conf: dict | None = None,
     part: tuple[int, int] = (0, 1),
     progress: bool = True,
     work_root: Path | None = None,
+    team: Team | None = None,
+    finish: bool = True,
+    replace: bool = False,
 ) -> ExtractResult:
     """Make ``out`` the store of the features of every row of ``images`` (columns image_id,
     path, width, height), extracting the shards of ``part = (i, n)``.
@@ -125,30 +140,73 @@ def extract_features(
     (default: ``out.parent.parent.parent / ".semcorr"``, i.e. ``data/.semcorr`` for
     ``data/features/<variant>/<dataset>.zarr``); it must be on the filesystem of ``out``.
     Raises `ExtractError` while another extract writes the store with another configuration.
+
+    ``team``: the ranks of one torchrun (`pipeline.distributed.torchrun_team`); rank r of K
+    extracts part ``(i + n*r, n*K)``. ``finish=False``: write this part's shards only and leave
+    the finalising to the process that started this one (`extract_by_tasks`). ``out`` may be
+    a URL (``s3://bucket/prefix/<dataset>.zarr``), built in place (`_ObjectSite`); ``replace``
+    then deletes a store of another configuration found there (locally the finished store
+    always replaces the old one).
     """
     conf = {**default_conf, **(conf or {})}
+    team = team or Team()
     index, n_parts = part
     if not 0 <= index < n_parts:
         raise ValueError(f"part {index}/{n_parts}: expected 0 <= i < n")
+    part = (index + n_parts * team.rank, n_parts * team.size)
     start = time.perf_counter()
-    out = Path(out)
-    ids = images["image_id"].tolist()
-    layout = store_layout(out, attrs, ids, conf["shard_images"], DEFAULT_CODEC)
+    config = _config(backbone, images, out, attrs, conf)
+    console = Console(stderr=True, quiet=not progress)
+    with _site(out, work_root, config, replace) as site:
+        alone = any(team.gather(site.alone))
+        if team.on_leader(lambda: site.prepare(alone)):
+            return ExtractResult(out, len(images), config.part_images(part), 0, time.perf_counter() - start, True)
+        plan = site.plan(part, console)
+        if plan.store is None:
+            return ExtractResult(out, len(images), plan.skipped, 0, time.perf_counter() - start, True)
+        extracted = _run(backbone, images["path"].tolist(), plan.store, plan.todo, conf, console, team.local_rank)
+        complete = False
+        if finish:
+            team.barrier()  # every rank has written its shards
+            complete = team.on_leader(site.promote)
+    return ExtractResult(out, len(images), plan.skipped, extracted, time.perf_counter() - start, complete)
+
+
+def extract_by_tasks(
+    backbone: Backbone,
+    images: pd.DataFrame,
+    out: Path | str,
+    attrs: dict,
+    launch: Callable[[], list[dict]],
+    conf: dict | None = None,
+    part: tuple[int, int] = (0, 1),
+    work_root: Path | None = None,
+    replace: bool = False,
+) -> ExtractResult:
+    """`extract_features` with the shards of ``part`` extracted by other processes, e.g. the
+    tasks of a SLURM job array: this process prepares the store (holding the write lock
+    throughout, which the tasks share), ``launch()`` starts the tasks (each an
+    ``extract_features(..., finish=False)`` of a share of ``part``), waits for all and returns
+    their results (dicts of `ExtractResult`'s ``extracted`` and ``skipped``), then this
+    process finalises the store."""
+    conf = {**default_conf, **(conf or {})}
+    start = time.perf_counter()
+    config = _config(backbone, images, out, attrs, conf)
+    with _site(out, work_root, config, replace) as site:
+        if site.prepare(site.alone):
+            return ExtractResult(out, len(images), config.part_images(part), 0, time.perf_counter() - start, True)
+        results = launch()
+        complete = site.promote()
+    return ExtractResult(out, len(images), sum(r["skipped"] for r in results), sum(r["extracted"] for r in results),
+                         time.perf_counter() - start, complete)
+
+
+def _config(backbone: Backbone, images: pd.DataFrame, out: Path | str, attrs: dict, conf: dict) -> _Config:
+    layout = store_layout(out, attrs, images["image_id"].tolist(), conf["shard_images"], DEFAULT_CODEC)
     if int(attrs["input_size"]) <= 0:
         raise ValueError(f"{out}: input_size {attrs['input_size']!r}: expected a positive number of pixels")
-    work_root = Path(work_root) if work_root is not None else out.parent.parent.parent / WORK_DIR
     transforms = [backbone.transform((int(h), int(w))) for h, w in zip(images["height"], images["width"])]
-    config = _Config(attrs, layout, transforms)
-    console = Console(stderr=True, quiet=not progress)
-    with _WriteLock(work_root, out, config.fingerprint()) as lock:
-        with lock.gate():
-            plan = _plan(out, partial_path(work_root, out), config, part, lock.alone, console)
-        if plan.store is None:
-            return ExtractResult(out, len(ids), plan.skipped, 0, time.perf_counter() - start, True)
-        extracted = _run(backbone, images["path"].tolist(), plan.store, plan.todo, conf, console)
-        with lock.gate():
-            complete = _promote(plan.store, out, config)
-    return ExtractResult(out, len(ids), plan.skipped, extracted, time.perf_counter() - start, complete)
+    return _Config(attrs, layout, transforms)
 
 
 @dataclass(frozen=True)
@@ -169,6 +227,18 @@ class _Config:
         config = json.dumps({k: v for k, v in self.layout.items() if k != "versions"}, sort_keys=True)
         return hashlib.sha256(config.encode() + np.ascontiguousarray(self.table, dtype="<f8").tobytes()).hexdigest()
 
+    def create(self, path: Path | str, replace_stale: bool) -> FeatureStore:
+        """Create the (empty) store at ``path``, or join the one there (`create_store`)."""
+        layout = self.layout
+        return create_store(path, self.attrs, layout["image_ids"], self.transforms, layout["shard_images"],
+                            replace_stale=replace_stale, codec=layout["codec"])
+
+    def part_images(self, part: tuple[int, int]) -> int:
+        """Images in the shards of ``part``."""
+        n, size = len(self.transforms), self.layout["shard_images"]
+        index, n_parts = part
+        return sum(min(size, n - s * size) for s in range(-(-n // size)) if s % n_parts == index)
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -177,42 +247,171 @@ class _Plan:
     skipped: int  # images of this part found intact
 
 
-def _plan(out: Path, partial: Path, config: _Config, part: tuple[int, int], alone: bool, console: Console) -> _Plan:
-    """Under the gate lock: decide which shards of this part to extract, keeping every shard
-    that verifies, in the partial store or else in ``out`` (hard-linked into the partial store)."""
-    if alone:  # leftovers: of a kill during a promotion (see `replace_store`), of another configuration
-        shutil.rmtree(partial.with_name(partial.name + ".old"), ignore_errors=True)
-        if partial.exists() and _reusable(partial, config) is None:
-            shutil.rmtree(partial)
-    source = _reusable(out, config)
-    index, n_parts = part
-    if source is not None and not (partial / "zarr.json").is_file():
-        if source.attrs.get("complete") and not any(source.check_shard(s) for s in range(source.n_shards)):
-            mine = sum(len(source.shard_range(s)) for s in range(source.n_shards) if s % n_parts == index)
-            return _Plan(None, [], mine)
-    layout = config.layout
-    store = create_store(partial, config.attrs, layout["image_ids"], config.transforms, layout["shard_images"],
-                         replace_stale=True, codec=layout["codec"])
-    done = store.done()
-    todo, skipped, adopted = [], 0, 0
-    for shard in range(store.n_shards):
-        rows = store.shard_range(shard)
-        mine, flagged = shard % n_parts == index, bool(done[rows.start : rows.stop].all())
-        if mine and not store.check_shard(shard):
-            if not flagged:  # written, then killed before its flags
-                store.mark_done(shard)
-        elif (mine or not flagged) and source is not None and not source.check_shard(shard):
-            store.adopt_shard(source, shard)
-            adopted += len(rows) if mine else 0
-        elif mine:
-            store.discard_shard(shard)
+def _site(out: Path | str, work_root: Path | None, config: _Config, replace: bool) -> "_LocalSite | _ObjectSite":
+    if is_url(out):
+        return _ObjectSite(str(out), config, replace)
+    out = Path(out)
+    return _LocalSite(out, Path(work_root) if work_root is not None else out.parent.parent.parent / WORK_DIR, config)
+
+
+class _LocalSite:
+    """A store on a POSIX filesystem (local, or shared between nodes): built in
+    ``<work_root>/partial/...`` under the flock `_WriteLock`, renamed onto ``out`` once complete."""
+
+    def __init__(self, out: Path, work_root: Path, config: _Config):
+        self.out, self.partial, self.config = out, partial_path(work_root, out), config
+        self.lock = _WriteLock(work_root, out, config.fingerprint())
+
+    def __enter__(self) -> "_LocalSite":
+        self.lock.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.__exit__(*exc)
+
+    @property
+    def alone(self) -> bool:
+        return self.lock.alone
+
+    def prepare(self, alone: bool) -> bool:
+        """Once per run, before any part plans: remove leftovers (when no other writer holds
+        the store) and create the partial store. True when ``out`` already holds the complete,
+        intact store: nothing to do."""
+        with self.lock.gate():
+            if alone:  # leftovers: of a kill during a promotion (see `replace_store`), of another configuration
+                shutil.rmtree(self.partial.with_name(self.partial.name + ".old"), ignore_errors=True)
+                if self.partial.exists() and _reusable(self.partial, self.config) is None:
+                    shutil.rmtree(self.partial)
+            if not (self.partial / "zarr.json").is_file() and self._intact_out():
+                return True
+            self.config.create(self.partial, replace_stale=True)
+            return False
+
+    def _intact_out(self) -> bool:
+        source = _reusable(self.out, self.config)
+        return bool(source is not None and source.attrs.get("complete")
+                    and not any(source.check_shard(s) for s in range(source.n_shards)))
+
+    def plan(self, part: tuple[int, int], console: Console) -> _Plan:
+        """Under the gate lock: decide which shards of this part to extract, keeping every shard
+        that verifies, in the partial store or else in ``out`` (hard-linked into the partial store)."""
+        with self.lock.gate():
+            return self._plan(part, console)
+
+    def _plan(self, part: tuple[int, int], console: Console) -> _Plan:
+        out, partial, config = self.out, self.partial, self.config
+        source = _reusable(out, config)
+        index, n_parts = part
+        if source is not None and not (partial / "zarr.json").is_file():  # another part promoted it
+            if source.attrs.get("complete") and not any(source.check_shard(s) for s in range(source.n_shards)):
+                return _Plan(None, [], config.part_images(part))
+        store = config.create(partial, replace_stale=True)
+        done = store.done()
+        todo, skipped, adopted = [], 0, 0
+        for shard in range(store.n_shards):
+            rows = store.shard_range(shard)
+            mine, flagged = shard % n_parts == index, bool(done[rows.start : rows.stop].all())
+            if mine and not store.check_shard(shard):
+                if not flagged:  # written, then killed before its flags
+                    store.mark_done(shard)
+            elif (mine or not flagged) and source is not None and not source.check_shard(shard):
+                store.adopt_shard(source, shard)
+                adopted += len(rows) if mine else 0
+            elif mine:
+                store.discard_shard(shard)
+                todo.append(shard)
+                continue
+            skipped += len(rows) if mine else 0
+        if skipped:
+            console.print(f"{out}: skipping {skipped} images already extracted "
+                          f"({adopted} of them kept from the existing store)")
+        return _Plan(store, todo, skipped)
+
+    def promote(self) -> bool:
+        """Under the gate lock: if every shard is done, verify, finalize and rename the partial
+        store onto ``out``; returns whether ``out`` now holds the complete store."""
+        with self.lock.gate():
+            if not (self.partial / "zarr.json").is_file():  # another part promoted it
+                source = _reusable(self.out, self.config)
+                return source is not None and bool(source.attrs.get("complete"))
+            store = open_matching(self.partial, self.config.layout, self.config.table)
+            if not store.finalize():
+                return False
+            replace_store(store.path, self.out)
+            return True
+
+
+class _ObjectSite:
+    """A store on object storage, built in place at its URL: there is no rename to swap a
+    finished store in, and no lock. What replaces them:
+
+    - the store's ``zarr.json`` is created by an exclusive PUT (``If-None-Match: *``,
+      `store.create_store`): one writer creates the store and fixes its configuration;
+      writers of this configuration share it, another configuration is refused (``replace``
+      deletes it first: no lock can tell whether its writer still runs, so only when none does);
+    - each part writes only its own shards, each shard object whole, its ``done`` flags after it;
+    - readers (`open_store`) need the ``complete`` marker, written last, after every shard
+      verified; a complete store that turns out damaged is marked incomplete before a shard of
+      it is written again, so a reader never trusts a store in repair.
+
+    Finalising is idempotent (verify every shard, then write the marker), so parts that finish
+    at once may both do it.
+    """
+
+    alone = True  # nothing to clean up: no partial folder, no leftover renames
+
+    def __init__(self, out: str, config: _Config, replace: bool):
+        self.out, self.config, self.replace = out, config, replace
+
+    def __enter__(self) -> "_ObjectSite":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def _join(self, replace: bool) -> FeatureStore:
+        try:
+            return self.config.create(self.out, replace_stale=replace)
+        except StoreMismatch as exc:
+            raise ExtractError(f"{exc}; extract to another URL, or delete it first (`--replace`, only while no "
+                               "extract of it runs: object storage has no lock that could tell)") from None
+
+    def prepare(self, alone: bool) -> bool:
+        """Create or join the store; True when it is complete and every shard verifies."""
+        store = self._join(self.replace)
+        if store.attrs.get("complete"):
+            if not any(store.check_shard(s) for s in range(store.n_shards)):
+                return True
+            store.mark_incomplete()
+        return False
+
+    def plan(self, part: tuple[int, int], console: Console) -> _Plan:
+        """Keep this part's shards that verify (marking them done), discard the others."""
+        store = self._join(False)
+        if store.attrs.get("complete"):  # finalised by another part since `prepare`
+            return _Plan(None, [], self.config.part_images(part))
+        done = store.done()
+        index, n_parts = part
+        todo, skipped = [], 0
+        for shard in range(index, store.n_shards, n_parts):
+            rows = store.shard_range(shard)
+            problems, flagged = store.check_shard(shard), done[rows.start : rows.stop]
+            if not problems:
+                if not flagged.all():  # written, then killed before its flags
+                    store.mark_done(shard)
+                skipped += len(rows)
+                continue
+            never_written = sum(isinstance(p, ShardMissing) for p in problems) == len(store.array_names)
+            if flagged.any() or not never_written:  # a request per object: skipped for the shards of a new store
+                store.discard_shard(shard)
             todo.append(shard)
-            continue
-        skipped += len(rows) if mine else 0
-    if skipped:
-        console.print(f"{out}: skipping {skipped} images already extracted "
-                      f"({adopted} of them kept from the existing store)")
-    return _Plan(store, todo, skipped)
+        if skipped:
+            console.print(f"{self.out}: skipping {skipped} images already extracted")
+        return _Plan(store, todo, skipped)
+
+    def promote(self) -> bool:
+        """If every shard is done: verify them all and write the ``complete`` marker."""
+        return self._join(False).finalize()
 
 
 def _reusable(path: Path, config: _Config) -> FeatureStore | None:
@@ -223,18 +422,6 @@ def _reusable(path: Path, config: _Config) -> FeatureStore | None:
         return open_matching(path, config.layout, config.table, writable=False)
     except StoreError:
         return None
-
-
-def _promote(store: FeatureStore, out: Path, config: _Config) -> bool:
-    """Under the gate lock: if every shard is done, verify, finalize and rename the partial
-    store onto ``out``; returns whether ``out`` now holds the complete store."""
-    if not (store.path / "zarr.json").is_file():  # another part promoted it
-        source = _reusable(out, config)
-        return source is not None and bool(source.attrs.get("complete"))
-    if not store.finalize():
-        return False
-    replace_store(store.path, out)
-    return True
 
 
 # Lock fds open in this process. A forked child (a DataLoader worker) would keep an flock
@@ -320,13 +507,13 @@ class _WriteLock:
 
 
 def _run(backbone: Backbone, paths: list[str], store: FeatureStore, shards: list[int], conf: dict,
-         console: Console) -> int:
+         console: Console, local_rank: int | None = None) -> int:
     batches = [list(rows[k : k + conf["batch_size"]]) for rows in map(store.shard_range, shards)
                for k in range(0, len(rows), conf["batch_size"])]
     total = sum(map(len, batches))
     if not total:
         return 0
-    device = resolve_device(conf["device"])
+    device = resolve_device(conf["device"], local_rank)
     loader = DataLoader(
         _Images(paths, backbone, conf["flips"]), batch_sampler=batches, num_workers=conf["num_workers"],
         pin_memory=device.type == "cuda", persistent_workers=False,
@@ -349,9 +536,20 @@ def _run(backbone: Backbone, paths: list[str], store: FeatureStore, shards: list
                     feats = backbone(x).to(torch.float16).cpu().numpy()
                 writer.put(rows.tolist(), feats[: len(rows)], feats[len(rows) :] if conf["flips"] else None)
                 bar.advance(task, len(rows))
+    except ExtractError as exc:  # from a DataLoader worker: torch wraps the message in the worker's traceback
+        raise ExtractError(_own_message(exc)) from None
     finally:
         writer.close()
     return total
+
+
+def _own_message(exc: ExtractError) -> str:
+    """An `ExtractError`'s own one-line message, also when a DataLoader worker raised it (torch then
+    re-raises it with the worker's traceback as the message, the original on its last line)."""
+    lines = str(exc).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ExtractError"):
+        return lines[-1].partition("ExtractError: ")[2] or lines[-1]
+    return str(exc)
 
 
 def _check_transforms(store: FeatureStore, paths: list[str], rows: torch.Tensor, t: torch.Tensor) -> None:

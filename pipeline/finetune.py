@@ -3,9 +3,18 @@
 The backbone is split at block ``L - N`` (`Backbone.forward_prefix` / `forward_tail`).
 The prefix stays frozen, so its tokens are either cached once (`pipeline.prefix_cache`,
 ``cached_prefix``) or recomputed from the images without gradients; training runs the
-tail: the last N blocks plus whatever follows them in `forward_tail` (the final norm
-of DINOv2/DINOv3/CLIP, SAM's neck), which trains too. The only augmentation is the
-one a cache can hold: horizontally flipped copies of both images of a pair.
+tail. Two modes:
+
+- ``blocks``: the last N blocks train, plus whatever follows them in `forward_tail` (the
+  final norm of DINOv2/DINOv3/CLIP, SAM's neck);
+- ``lora``: only LoRA adapters (`peft`, rank ``lora.rank``, ``lora_alpha`` ``lora.alpha``)
+  on the attention projections (``lora.targets``: ``qkv``, the fused input projection, and
+  ``proj``, the output one) of the last N blocks (``depth: None`` = every block) train;
+  the result is merged into the weights (`merge_and_unload`), a plain state dict. peft
+  adapts CLIP's ``nn.MultiheadAttention`` as a whole, so CLIP takes both targets or none.
+
+The only augmentation is the one a cache can hold: horizontally flipped copies of both
+images of a pair.
 
 Validation runs the extract -> match -> evaluate path on the val pairs with the current
 weights (a temporary `pipeline.store`, `pipeline.matching.match_pairs` argmax,
@@ -44,7 +53,9 @@ from semcorr.pipeline.tables import keypoints
 from semcorr.pipeline.weights import sha256_file
 
 default_conf = {
-    "depth": 2,  # N: number of last transformer blocks to train
+    "mode": "blocks",  # blocks: train the last N blocks and the head; lora: LoRA adapters only
+    "depth": 2,  # N: number of last transformer blocks trained or adapted (None: every block)
+    "lora": {"rank": 4, "alpha": 4.0, "targets": ["qkv", "proj"]},  # mode lora: peft r, lora_alpha, projections
     "epochs": 3,
     "lr": 1.0e-5,  # AdamW learning rate
     "weight_decay": 0.05,  # AdamW weight decay
@@ -64,6 +75,16 @@ default_conf = {
     "prefix_batch_size": 8,  # images per forward_prefix call when building the cache
 }
 
+LORA_KEYS = ("rank", "alpha", "targets")
+MODES = ("blocks", "lora")
+# Attention projections per family: target -> module name inside a block. CLIP's is one
+# nn.MultiheadAttention, which peft adapts whole (input and output projections together).
+ATTENTION = {
+    "dinov2": {"qkv": "attn.qkv", "proj": "attn.proj"},
+    "dinov3": {"qkv": "attn.qkv", "proj": "attn.proj"},
+    "sam": {"qkv": "attn.qkv", "proj": "attn.proj"},
+    "clip": {("qkv", "proj"): "attn"},
+}
 LOG_EVERY = 50  # steps between progress lines within an epoch
 TRAIN_KEYS = tuple(k for k in default_conf if k not in ("prefix_batch_size",))
 CURVE_COLUMNS = ["epoch", "step", "loss", "val_pck", "lr", "seconds"]
@@ -90,8 +111,9 @@ class FinetuneResult:
     best_val_pck: float
     base_val_pck: float  # val PCK of the untuned backbone (curve row epoch 0)
     curve: list[dict]
-    trainable: list[str]  # names of the trained parameters
-    state_dict: dict[str, torch.Tensor] = field(repr=False)  # full backbone, best epoch's tail
+    trainable: list[str]  # names of the trained parameters (mode lora: the adapters')
+    state_dict: dict[str, torch.Tensor] = field(repr=False)  # full backbone, best epoch's tail (lora: merged)
+    adapted: list[str] = field(default_factory=list)  # mode lora: the modules that carried adapters
 
 
 # -- data -------------------------------------------------------------------------------
@@ -179,6 +201,88 @@ def trainable_parameters(backbone: Backbone, depth: int, tokens: torch.Tensor) -
     return names
 
 
+def lora_modules(backbone: Backbone, depth: int, targets: Sequence[str]) -> list[str]:
+    """Full names of the attention projections ``targets`` (`ATTENTION`) of the last ``depth`` blocks."""
+    family = backbone.spec.family
+    if family not in ATTENTION:
+        raise FinetuneError(f"{family}: LoRA needs transformer attention; known families: {', '.join(ATTENTION)}")
+    wanted = set(targets)
+    unknown = wanted - {"qkv", "proj"}
+    if unknown or not wanted:
+        raise FinetuneError(f"lora targets {sorted(targets)}: expected a non-empty subset of ['proj', 'qkv']")
+    names: list[str] = []
+    for key, module in ATTENTION[family].items():
+        group = set(key) if isinstance(key, tuple) else {key}
+        if group & wanted and not group <= wanted:
+            raise FinetuneError(f"{family}: peft adapts {sorted(group)} together (one nn.MultiheadAttention); "
+                                f"set lora targets to {sorted(group)}, got {sorted(targets)}")
+        if group <= wanted:
+            names.append(module)
+    blocks = _blocks(backbone, depth)
+    prefix = {id(m): n for n, m in backbone.named_modules()}
+    return [f"{prefix[id(block)]}.{module}" for block in blocks for module in names]
+
+
+def _blocks(backbone: Backbone, depth: int) -> list[torch.nn.Module]:
+    try:
+        blocks = list(backbone.blocks())
+    except NotImplementedError as err:
+        raise FinetuneError(f"{backbone.spec.family}: {err}") from err
+    if not 1 <= depth <= len(blocks):
+        raise FinetuneError(f"depth must be in 1..{len(blocks)} for {backbone.spec.family}/{backbone.spec.variant}, got {depth}")
+    return blocks[len(blocks) - depth :]
+
+
+def add_lora(backbone: Backbone, depth: int, lora: dict, seed: int = 0):
+    """Put peft LoRA adapters (frozen base, trainable adapters, B = 0: the output is
+    unchanged) on the ``lora['targets']`` projections of the last ``depth`` blocks, in
+    place; returns the `peft.PeftModel` whose `merge_and_unload` folds them back in. The
+    A matrices are drawn from ``seed`` without touching the global RNG."""
+    from peft import LoraConfig, get_peft_model
+
+    modules = lora_modules(backbone, depth, lora["targets"])
+    for name in modules:  # timm's Eva adds the q/v biases with F.linear on qkv.weight, which
+        attention = backbone.get_submodule(name.rsplit(".", 1)[0])  # would bypass an adapter on qkv:
+        if getattr(attention, "q_bias", None) is not None and hasattr(attention, "qkv_bias_separate"):
+            attention.qkv_bias_separate = True  # call qkv, then add the same biases
+    config = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), lora_dropout=0.0, bias="none",
+                        target_modules=modules)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(backbone, config)
+
+
+def check_adapters_run(backbone: Backbone, depth: int, tokens: torch.Tensor) -> list[str]:
+    """Names of the LoRA layers; `FinetuneError` if one of them is not called by
+    `forward_tail` on ``tokens: [1, *token_shape]`` (an adapter a forward bypasses never trains)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {name: m for name, m in backbone.named_modules() if isinstance(m, LoraLayer)}
+    outer = [n for n in layers if not any(n != o and n.startswith(o + ".") for o in layers)]
+    called: set[str] = set()
+    hooks = [layers[n].register_forward_hook(lambda *_, n=n: called.add(n)) for n in outer]
+    try:
+        with torch.no_grad():
+            backbone.forward_tail(tokens, depth)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    skipped = sorted(set(outer) - called)
+    if skipped:
+        raise FinetuneError(f"{backbone.spec.family}: the forward never calls the LoRA layers {skipped[:3]}")
+    return outer
+
+
+def _merged_state(peft_model, params: dict[str, torch.nn.Parameter], tail: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Load the adapter weights ``tail`` and merge them into the base weights
+    (`merge_and_unload`): the plain state dict of the backbone, which is left merged."""
+    with torch.no_grad():
+        for name, value in tail.items():
+            params[name].copy_(value)
+    merged = peft_model.merge_and_unload()
+    return {k: v.detach().cpu().clone() for k, v in merged.state_dict().items()}
+
+
 # -- training ---------------------------------------------------------------------------
 
 
@@ -194,23 +298,23 @@ def finetune(
     on_row: Callable[[dict], None] | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> FinetuneResult:
-    """Train the last ``conf['depth']`` blocks of ``backbone`` in place.
+    """Train the last ``conf['depth']`` blocks of ``backbone`` in place (mode ``blocks``), or
+    LoRA adapters on their attention projections (mode ``lora``), merged in at the end.
 
     train_pairs, val_pairs: prepared pair tables (their 'trn' and 'val' rows); images:
     the images table. work_dir (private: the stage keeps it outside DVC's outputs) receives
     ``prefix.zarr``, ``state/state.pt`` and ``curve.csv``. Returns the best epoch's weights
-    as a full backbone state dict (semcorr layout). ``on_row(row)`` gets every curve row
+    as a full backbone state dict (semcorr layout; mode lora: merged, plain keys). ``on_row(row)`` gets every curve row
     (`CURVE_COLUMNS`), those of epochs finished before a resume included, in order;
     ``on_epoch_end(epoch)`` runs after each epoch's state is saved (tests use it to
     interrupt a run); ``log`` gets one line per step of the work.
     """
-    conf = {**default_conf, **(conf or {})}
-    unknown = set(conf) - set(default_conf)
-    if unknown:
-        raise FinetuneError(f"unknown finetune settings {sorted(unknown)}; known: {sorted(default_conf)}")
+    conf = check_conf(backbone, conf)
     device = torch.device(device)
     work_dir = Path(work_dir)
     depth = int(conf["depth"])
+    lora = conf["mode"] == "lora"
+    adapted = lora_modules(backbone, depth, conf["lora"]["targets"]) if lora else []
     train_pairs = subset(train_pairs, conf["max_train_pairs"], conf["seed"])
     val_pairs = subset(val_pairs, conf["max_val_pairs"], conf["seed"])
     if train_pairs.empty or val_pairs.empty:
@@ -231,7 +335,8 @@ def finetune(
         write_curve(work_dir / "curve.csv", state["curve"])
         for row in state["curve"]:
             (on_row or (lambda r: None))(row)
-        return _result(backbone, state)
+        peft_model = add_lora(backbone, depth, conf["lora"], conf["seed"]) if lora else None
+        return _result(backbone, state, peft_model, adapted)
 
     backbone.to(device)
     cache = None
@@ -251,7 +356,14 @@ def finetune(
     )
 
     pairs = to_pairs(train_pairs)
-    trainable = trainable_parameters(backbone, depth, source.tokens([(pairs[0].source_id, False)]))
+    probe = source.tokens([(pairs[0].source_id, False)])
+    peft_model = None
+    if lora:
+        peft_model = add_lora(backbone, depth, conf["lora"], conf["seed"])
+        check_adapters_run(backbone, depth, probe)
+        trainable = [name for name, p in backbone.named_parameters() if p.requires_grad]  # peft's adapters only
+    else:
+        trainable = trainable_parameters(backbone, depth, probe)
     params = dict(backbone.named_parameters())
     for name in trainable:
         params[name].requires_grad_(True)
@@ -311,7 +423,7 @@ def finetune(
             on_epoch_end(epoch)
     for name in trainable:
         params[name].requires_grad_(False)
-    return _result(backbone, state)
+    return _result(backbone, state, peft_model, adapted)
 
 
 def epoch_batches(n_pairs: int, conf: dict, epoch: int) -> list[list[tuple[int, bool]]]:
@@ -394,14 +506,35 @@ def validation_pck(
 # -- state, curve, outputs ------------------------------------------------------------------
 
 
+def check_conf(backbone: Backbone, conf: dict | None) -> dict:
+    """``conf`` over `default_conf`, checked, with ``depth: None`` resolved to every block."""
+    conf = {**default_conf, **(conf or {})}
+    unknown = set(conf) - set(default_conf)
+    if unknown:
+        raise FinetuneError(f"unknown finetune settings {sorted(unknown)}; known: {sorted(default_conf)}")
+    if conf["mode"] not in MODES:
+        raise FinetuneError(f"finetune mode {conf['mode']!r}: expected one of {', '.join(MODES)}")
+    conf["lora"] = {**default_conf["lora"], **(conf["lora"] or {})}
+    unknown = set(conf["lora"]) - set(LORA_KEYS)
+    if unknown:
+        raise FinetuneError(f"unknown lora settings {sorted(unknown)}; known: {sorted(LORA_KEYS)}")
+    if conf["depth"] is None:
+        try:
+            conf["depth"] = len(backbone.blocks())
+        except NotImplementedError as err:
+            raise FinetuneError(f"{backbone.spec.family}: {err}") from err
+    return conf
+
+
 def run_fingerprint(backbone: Backbone, conf: dict, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, images: pd.DataFrame) -> dict:
-    """What a run's results depend on: training settings, the base backbone (its weights
-    by sha256, not by path), the pairs and the images."""
+    """What a run's results depend on: training settings (the LoRA ones in mode lora), the
+    base backbone (its weights by sha256, not by path), the pairs and the images."""
     spec = {k: v for k, v in backbone.spec.to_dict().items() if k != "weights"}
     image_rows = images[["image_id", "path", "width", "height"]].astype(str).to_numpy().tolist()
     pair_ids = [train_pairs["pair_id"].tolist(), val_pairs["pair_id"].tolist()]
+    keys = [k for k in TRAIN_KEYS if k != "lora" or conf["mode"] == "lora"]
     return {
-        "conf": json.loads(json.dumps({k: conf[k] for k in TRAIN_KEYS})),
+        "conf": json.loads(json.dumps({k: conf[k] for k in keys})),
         "backbone": json.loads(json.dumps(spec)),
         "images": _digest(image_rows),
         "pairs": _digest(pair_ids),
@@ -433,12 +566,16 @@ def write_curve(path: Path, rows: list[dict]) -> None:
         pd.DataFrame(rows, columns=CURVE_COLUMNS).to_csv(tmp, index=False)
 
 
-def _result(backbone: Backbone, state: dict) -> FinetuneResult:
+def _result(backbone: Backbone, state: dict, peft_model=None, adapted: Sequence[str] = ()) -> FinetuneResult:
+    """The best epoch's weights, loaded into ``backbone`` (mode lora: into the adapters of
+    ``peft_model``, then merged)."""
     best = state["best"]
-    own = backbone.state_dict()
-    full = {k: v.detach().cpu().clone() for k, v in own.items()}
-    full.update({k: v.clone() for k, v in best["tail"].items()})
-    backbone.load_state_dict(full)
+    if peft_model is not None:
+        full = _merged_state(peft_model, dict(backbone.named_parameters()), best["tail"])
+    else:
+        full = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+        full.update({k: v.clone() for k, v in best["tail"].items()})
+        backbone.load_state_dict(full)
     return FinetuneResult(
         best_epoch=int(best["epoch"]),
         best_val_pck=float(best["val_pck"]),
@@ -446,6 +583,7 @@ def _result(backbone: Backbone, state: dict) -> FinetuneResult:
         curve=list(state["curve"]),
         trainable=list(state["trainable"]),
         state_dict=full,
+        adapted=list(adapted),
     )
 
 

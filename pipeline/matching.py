@@ -16,6 +16,15 @@ role: pass 1 samples the source descriptors of all pairs per source image, pass 
 all pairs that share a target with one matrix product, and (only with ``mutual``) pass 3
 matches the predicted target cells back against each source map. `refine` runs step 2 on
 its output.
+
+With ``pose_align: flip`` (GeoAware-SC's test-time pose alignment, `pipeline.pose`) each pair
+first chooses between its source's original and mirrored features; the keypoints of a
+mirrored source are read from the store's ``feats_flip`` at their counterparts' mirrored
+points (`pose.posed_pairs`), in the same passes (each source map, original or mirrored, read
+once per pass). The predictions table gains ``pose_flip`` (per pair) and ``source_flip``
+(per keypoint), and `Matches.unaligned` holds the argmax the pairs would get without the
+alignment (the mirrored pairs matched again from their original source), so the alignment
+is measured against no alignment on the same pairs.
 """
 
 from __future__ import annotations
@@ -29,8 +38,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from semcorr.pipeline.coords import (cells_to_pixels_rows, flat_index_to_cells, round_cells, sample_map,
-                                     upsampled_cells_to_cells)
+from semcorr.pipeline.coords import (cells_to_pixels_rows, clamp_to_image, flat_index_to_cells, round_cells,
+                                     sample_map, upsampled_cells_to_cells)
+from semcorr.pipeline.pose import POSES, PoseChoice, choose_pose, posed_pairs
 from semcorr.pipeline.tables import keypoints
 
 METHODS = ("argmax", "softargmax")
@@ -40,6 +50,7 @@ default_conf = {
     "upsample": 1,  # bilinear upsampling factor of the target map before matching
     "mutual": False,  # flag matches whose target cell does not match back to the source cell
     "max_window": 7,  # radius (cells of the matched map) of the similarity windows kept for soft-argmax
+    "pose_align": "none",  # none | flip: match each pair from the original or mirrored source, the closer one
 }
 default_soft_conf = {
     "window": 3,  # soft-argmax window radius, in cells of the (upsampled) matched map
@@ -63,7 +74,10 @@ class Peaks:
 
 
 def peaks(sim: torch.Tensor, max_window: int) -> Peaks:
-    """sim: [Q, h, w] similarity maps -> their argmax and the windows of radius ``max_window``."""
+    """sim: [Q, h, w] similarity maps -> their argmax and the windows of radius ``max_window``.
+
+    Ties go to the first cell in row-major order (smallest gy, then smallest gx): the
+    lowest flat index, which is what ``torch.max`` returns (tested)."""
     q, h, w = sim.shape
     flat = sim.reshape(q, h * w)
     scores, index = flat.max(dim=1)
@@ -199,11 +213,14 @@ class Matches:
     """Argmax matches of a pair table, one row per keypoint (K rows), with what the
     soft-argmax needs to refine them without the features.
 
-    table: the predictions table (`PREDICTION_COLUMNS`), x, y in original target pixels;
+    table: the predictions table (`PREDICTION_COLUMNS`), x, y in original target pixels,
+        clamped to the target image (a partial last cell's centre can lie in the padding);
     peaks: [K, 2] int32 argmax cell (gx, gy) on the matched (upsampled) target grid, -1 if none;
     windows: [K, 2R+1, 2R+1] float32 similarity around the peak (NaN off the map or none);
     grids: [K, 2] int32 (h, w) of the matched grid; transforms: [K, 8] the target's
     `CellTransform` (stored grid); upsample: the factor of the matched grid.
+    With pose alignment: pose, the per-pair `pose.PoseChoice`; unaligned, the table
+    (pair_id, kp_index, x, y) of the argmax without the alignment.
     """
 
     table: pd.DataFrame
@@ -212,6 +229,8 @@ class Matches:
     grids: np.ndarray
     transforms: np.ndarray
     upsample: int
+    pose: "PoseChoice | None" = None
+    unaligned: pd.DataFrame | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays (for ``np.savez``); `from_arrays` reads them back."""
@@ -236,27 +255,55 @@ def check_conf(conf: dict, defaults: dict = default_conf) -> dict:
     for key in ("max_window", "window"):
         if key in conf and (int(conf[key]) < 0 or int(conf[key]) != conf[key]):
             raise ValueError(f"match {key} must be an integer >= 0, got {conf[key]!r}")
+    if "pose_align" in conf and conf["pose_align"] not in POSES:
+        raise ValueError(f"match pose_align must be one of {', '.join(POSES)}, got {conf['pose_align']!r}")
     if "temperature" in conf and not (isinstance(conf["temperature"], (int, float)) and conf["temperature"] > 0):
         raise ValueError(f"match temperature must be > 0, got {conf['temperature']!r}")
     return conf
 
 
 def match_pairs(store, pairs: pd.DataFrame, conf: dict | None = None,
-                log: Callable[[str], None] = lambda message: None) -> Matches:
+                log: Callable[[str], None] = lambda message: None, images: pd.DataFrame | None = None) -> Matches:
     """Argmax-match every pair of ``pairs`` (prepared pair table) with the features of
     ``store`` (`pipeline.store.FeatureStore`); ``conf``: `default_conf` keys; ``log`` gets
     a line per tenth of each pass. Keypoints without finite source coordinates get NaN x,
-    y, score and reliable=False."""
+    y, score and reliable=False. ``images``: the images table, whose masks are the
+    foreground of pose alignment (``pose_align: flip``; without masks, the whole image)."""
     conf = check_conf(conf or {})
     missing = sorted(set(pairs["source_id"]).union(pairs["target_id"]) - set(store.image_ids))
     if missing:
         raise KeyError(f"{store.path}: no features for {len(missing)} images of the pair table, e.g. {missing[:3]}")
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))  # one core for the store's reader thread: oversubscribed it is ~4x slower
+    args = (int(conf["upsample"]), bool(conf["mutual"]), int(conf["max_window"]), log)
     try:
-        return _match_pairs(store, pairs, int(conf["upsample"]), bool(conf["mutual"]), int(conf["max_window"]), log)
+        if conf["pose_align"] == "none":
+            return _match_pairs(store, pairs, *args)
+        return _match_posed(store, pairs.reset_index(drop=True), images, *args)
     finally:
         torch.set_num_threads(threads)
+
+
+def _match_posed(store, pairs: pd.DataFrame, images: pd.DataFrame | None, upsample: int, mutual: bool,
+                 max_window: int, log: Callable[[str], None]) -> Matches:
+    """`match_pairs` with pose alignment: the choice, the posed matching, and the unaligned argmax."""
+    choice = choose_pose(store, pairs, images, log=log)
+    widths = {image_id: store.transform(image_id).image_w for image_id in set(pairs["source_id"])}
+    matches = _match_pairs(store, posed_pairs(pairs, choice.flip, widths), upsample, mutual, max_window, log)
+    counts = matches_per_pair(pairs)
+    matches.table["pose_flip"] = np.repeat(choice.flip, counts)
+    unaligned = matches.table[["pair_id", "kp_index", "x", "y"]].copy()
+    if choice.flip.any():  # the mirrored pairs as they would be matched from their original source
+        again = _match_pairs(store, pairs[choice.flip], upsample, False, 0, log).table
+        rows = np.repeat(choice.flip, counts)
+        unaligned.loc[rows, ["x", "y"]] = again[["x", "y"]].to_numpy()
+    matches.pose, matches.unaligned = choice, unaligned
+    return matches
+
+
+def matches_per_pair(pairs: pd.DataFrame) -> np.ndarray:
+    """``[P]`` number of source keypoints (prediction rows) of each pair."""
+    return np.array([len(keypoints(flat)) for flat in pairs["source_kps"]], dtype=np.int64)
 
 
 def _match_pairs(store, pairs: pd.DataFrame, upsample: int, mutual: bool, max_window: int,
@@ -281,7 +328,7 @@ def _match_pairs(store, pairs: pd.DataFrame, upsample: int, mutual: bool, max_wi
         if upsample > 1:
             cells = upsampled_cells_to_cells(cells, upsample)
         transform = store.transform(target_id)
-        pred_xy[rows] = transform.cells_to_pixels(cells).numpy()
+        pred_xy[rows] = clamp_to_image(transform.cells_to_pixels(cells).numpy(), (transform.image_w, transform.image_h))
         scores[rows] = found.scores.numpy()
         peak_cells[rows] = found.cells.numpy()
         windows[rows] = found.windows.numpy()
@@ -292,7 +339,7 @@ def _match_pairs(store, pairs: pd.DataFrame, upsample: int, mutual: bool, max_wi
     reliable = kp.finite.copy()
     if mutual:
         tick = _Ticker(log, "pass 3/3, mutual check against sources", kp, "source_id")
-        for source_id, rows, feats16 in _maps_with_rows(store, kp, "source_id"):
+        for source_id, rows, feats16 in _source_maps(store, kp):
             tick()
             src_cells = torch.from_numpy(store.transform(source_id).pixels_to_cells(kp.source_xy[rows]))
             reliable[rows] = mutual_nearest(trg_desc[rows], maps(feats16), src_cells).numpy()
@@ -305,6 +352,8 @@ def _match_pairs(store, pairs: pd.DataFrame, upsample: int, mutual: bool, max_wi
         "reliable": reliable,
         "visible": kp.visible,
     })
+    if kp.posed:
+        table["source_flip"] = kp.source_flip
     return Matches(table, peak_cells, windows, grids, transforms, upsample)
 
 
@@ -320,7 +369,8 @@ def refine(matches: Matches, conf: dict | None = None) -> pd.DataFrame:
                             bool(conf["zero_outside"])).double()
         if matches.upsample > 1:
             cells = upsampled_cells_to_cells(cells, matches.upsample)
-        xy = cells_to_pixels_rows(cells.numpy(), matches.transforms[rows])
+        transforms = matches.transforms[rows]
+        xy = clamp_to_image(cells_to_pixels_rows(cells.numpy(), transforms), transforms[:, [7, 6]])
         table.loc[rows, "x"], table.loc[rows, "y"] = xy[:, 0], xy[:, 1]
     return table
 
@@ -339,6 +389,11 @@ class _KeypointIndex:
         self.finite = np.isfinite(self.source_xy).all(axis=1)
         self.visible = np.concatenate([np.asarray(v, dtype=bool) for v in self.pairs["visible"]]) if src else np.zeros(0, bool)
         self.pair_ids = np.repeat(self.pairs["pair_id"].to_numpy(), counts)
+        self.posed = "source_flip" in self.pairs.columns  # `pose.posed_pairs`: keypoints read from feats_flip
+        self.source_flip = (np.concatenate([np.asarray(v, dtype=bool) for v in self.pairs["source_flip"]])
+                            if self.posed and src else np.zeros(self.total, bool))
+        sources = np.repeat(self.pairs["source_id"].to_numpy(), counts)
+        self.n_source_maps = len(set(zip(sources.tolist(), self.source_flip.tolist())))  # (image, mirrored?) read
         self.kp_index = np.arange(self.total) - np.repeat(self.start, counts)
         self._groups: dict[str, dict] = {}
 
@@ -358,7 +413,8 @@ class _Ticker:
     """Calls ``log`` with a progress line at every tenth of the images of one pass."""
 
     def __init__(self, log: Callable[[str], None], what: str, kp: "_KeypointIndex", column: str):
-        self.log, self.what, self.total, self.done = log, what, len(kp.groups(column)), 0
+        total = len(kp.groups(column)) if column == "target_id" else kp.n_source_maps
+        self.log, self.what, self.total, self.done = log, what, total, 0
         self.every = max(1, -(-self.total // 10))
 
     def __call__(self) -> None:
@@ -371,25 +427,36 @@ def _source_descriptors(store, kp: _KeypointIndex, tick: Callable[[], None] = la
     """Pass 1: ``[K, C]`` float32 descriptors of every keypoint, each source image read once
     and only the 4 neighbour cells of each keypoint converted from float16."""
     desc = torch.zeros((kp.total, store.attrs["feat_dim"]), dtype=torch.float32)
-    for source_id, rows, feats16 in _maps_with_rows(store, kp, "source_id"):
+    for source_id, rows, feats16 in _source_maps(store, kp):
         tick()
         g = store.transform(source_id).pixels_to_cells(kp.source_xy[rows])
         desc[rows] = sample_map(feats16, g)
     return desc
 
 
-def _maps_with_rows(store, kp: _KeypointIndex, column: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+def _source_maps(store, kp: _KeypointIndex) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """`_maps_with_rows` of the sources: the original maps for the keypoints read there, then
+    (pose alignment) the mirrored maps for those read from ``feats_flip``."""
+    yield from _maps_with_rows(store, kp, "source_id", flip=False)
+    if kp.source_flip.any():
+        yield from _maps_with_rows(store, kp, "source_id", flip=True)
+
+
+def _maps_with_rows(store, kp: _KeypointIndex, column: str,
+                    flip: bool | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """``(image id, keypoint rows with finite source coords, [C, h, w] float16 map)`` for every
-    image of ``column`` (source_id or target_id) with such rows, read in bulk in storage order.
+    image of ``column`` (source_id or target_id) with such rows, read in bulk in storage order;
+    ``flip`` (sources only): the rows read from the mirrored (True) or original (False) map.
     The map is only valid until the next item."""
     groups = kp.groups(column)
     wanted = {}
     for image_id, positions in groups.items():
         rows = kp.rows_of(positions)
-        rows = rows[kp.finite[rows]]
+        keep = kp.finite[rows] if flip is None else kp.finite[rows] & (kp.source_flip[rows] == flip)
+        rows = rows[keep]
         if len(rows):
             wanted[store.index(image_id)] = (image_id, rows)
-    for n, feats16 in store.iter_maps(wanted):
+    for n, feats16 in store.iter_maps(wanted, flip=bool(flip)):
         image_id, rows = wanted[n]
         yield image_id, rows, feats16
 

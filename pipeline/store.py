@@ -26,8 +26,15 @@ the image's index entry (zarr reads missing data as zeros; it checks the chunk c
 Writes go through zarr: its LocalStore writes every file through a temp file + ``os.replace``, so a killed
 writer never leaves a torn shard and a file is never written in place (stores may
 share files by hard links). A store is complete (readable by `open_store`) once every
-``done`` flag is set, every shard verified and the ``complete`` attr written;
-`verify_store` checks a store end to end.
+``done`` flag is set, every shard verified and the ``complete`` attr written (in the
+same write of ``zarr.json`` as the consolidated metadata); `verify_store` checks a store
+end to end.
+
+A store path may also be a URL (``s3://bucket/prefix/<dataset>.zarr``, `pipeline.objectstore`):
+the same layout and checks, through zarr's ``FsspecStore``; a shard is one object written
+whole by one PUT, its ``done`` flags after it, ``complete`` last. Object storage has no
+rename, so a store there is created in place (its ``zarr.json`` by an exclusive PUT:
+`create_store`) and becomes readable only when the ``complete`` marker is written.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ import os
 import queue
 import re
 import shutil
+import tempfile
 import threading
+import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -57,6 +66,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, TransposeCodec
 
 from semcorr.pipeline.coords import CellTransform, sample_map
+from semcorr.pipeline.objectstore import Blob, LocalFiles, ObjectFiles, is_url, location, store_parts
 
 FORMAT = "semcorr-features/2"  # /2: per-chunk crc32c, codec attr; /1 stores are rebuilt
 # Attrs a reader relies on; `write_store` and `create_store` refuse attrs without them.
@@ -82,13 +92,14 @@ CODECS: dict[str, tuple[BloscCodec, ...]] = {
 DEFAULT_CODEC = "lz4"
 _EMPTY = 2**64 - 1  # sharding index entry of a chunk never written
 _WRITE = {"write_empty_chunks": True}  # an all-zero map is still an image: always store its chunk
+_SKELETON_WAIT_S = 30.0  # object storage: how long a writer waits for another's store skeleton to be whole
 
 
 class StoreError(RuntimeError):
     """The path is not a (complete, intact) feature store; the message names the path, and for
     damaged data ``file`` is the damaged file and ``images`` the image ids it holds."""
 
-    def __init__(self, message: str, file: Path | None = None, images: Sequence[str] = (), problem: str = ""):
+    def __init__(self, message: str, file: Path | str | None = None, images: Sequence[str] = (), problem: str = ""):
         super().__init__(message)
         self.file = file
         self.images = tuple(images)
@@ -97,6 +108,15 @@ class StoreError(RuntimeError):
 
 class StoreMismatch(StoreError):
     """The store was made with another configuration than the one expected."""
+
+
+class ShardMissing(StoreError):
+    """A shard file (object) does not exist: never written, or deleted."""
+
+
+class StoreUnreachable(StoreError):
+    """The store's storage cannot be reached (no endpoint, no credentials, no permission): nothing
+    is known about the store itself."""
 
 
 def store_path(features_dir: Path, variant: str, dataset: str) -> Path:
@@ -115,23 +135,27 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def extract_command(path: Path, attrs: dict | None = None) -> str:
+def extract_command(path: Path | str, attrs: dict | None = None) -> str:
     """The ``semcorr extract`` call that (re)builds the store at ``path``: from its attrs
-    (dataset, backbone, tuned_depth), else from the path ``<variant>/<dataset>.zarr``."""
-    path, attrs = Path(path), attrs or {}
+    (dataset, backbone, tuned_depth), else from the path ``<variant>/<dataset>.zarr``;
+    a store on object storage is named with ``--store URL``."""
+    attrs = attrs or {}
     dataset, backbone, tuned = attrs.get("dataset"), attrs.get("backbone"), attrs.get("tuned_depth")
     if not (dataset and backbone):
-        dataset = path.name.removesuffix(".zarr")
-        found = re.fullmatch(r"(.+)_ft(\d+)", path.parent.name)
-        backbone, tuned = (found[1], int(found[2])) if found else (path.parent.name, None)
-    return f"semcorr extract --dataset {dataset} --backbone {backbone}" + (f" --tuned {tuned}" if tuned else "")
+        parent, name = store_parts(path)
+        dataset = name.removesuffix(".zarr")
+        found = re.fullmatch(r"(.+)_(ft|lora)(\d+)", parent)
+        backbone, tuned = (found[1], found[3] if found[2] == "ft" else f"lora{found[3]}") if found else (parent, None)
+    return (f"semcorr extract --dataset {dataset} --backbone {backbone}" + (f" --tuned {tuned}" if tuned else "")
+            + (f" --store {path}" if is_url(path) else ""))
 
 
 class FeatureStore:
     """Reader (and, for the extract stage, shard writer) of one feature store."""
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = Path(path)
+    def __init__(self, path: Path | str, group: zarr.Group):
+        self.files: LocalFiles | ObjectFiles = location(path)
+        self.path: Path | str = self.files.root  # a Path, or the URL of a store on object storage
         self._group = group
         attrs = dict(group.attrs)
         self.image_ids: list[str] = list(attrs["image_ids"])
@@ -144,7 +168,7 @@ class FeatureStore:
             _check_layout(self.path, array, self.codec)
         _, c, g, _ = self._arrays["feats"].shape
         self._chunk_shape = (g, g, c)  # of a decoded chunk: cell-major
-        self._transforms = _read_transforms(self.path, group)  # [N, 8], small: read once
+        self._transforms = _read_transforms(self.files, group)  # [N, 8], small: read once
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -233,12 +257,12 @@ class FeatureStore:
             shards: dict[int, list[int]] = {}
             for n in order:
                 shards.setdefault(n // self.shard_images, []).append(n)
-            files = [self.shard_file(name, shard) for shard in shards]
+            keys = [self.shard_key(name, shard) for shard in shards]
             scratch = np.empty(0, dtype=np.uint8)
             for k, (shard, rows) in enumerate(shards.items()):
-                if k + 1 < len(files):
-                    _prefetch_file(files[k + 1])
-                with _ShardFile(self, name, shard) as shard_file:
+                if k + 1 < len(keys):
+                    self.files.prefetch(keys[k + 1])
+                with _ShardFile(self, name, shard, whole=True) as shard_file:
                     for n in rows:
                         while True:
                             if stop.is_set():
@@ -253,6 +277,8 @@ class FeatureStore:
             filled.put(None)
         except BaseException as exc:  # handed to the consumer, which raises it
             filled.put(exc if isinstance(exc, StoreError) else StoreError(f"{self.path}: cannot read features: {exc}"))
+        finally:
+            self.files.drop_prefetched()
 
     def _map(self, n: int, flip: bool) -> np.ndarray:
         """``[C, h, w]`` float16 map of image ``n`` (a fresh C-ordered array), read through zarr's
@@ -269,9 +295,13 @@ class FeatureStore:
             what = "chunk checksum mismatch (corrupt data)" if "checksum" in str(exc) else f"chunk does not decode ({exc})"
             raise self.damaged(self.shard_file(name, shard), [n], what) from None
 
-    def shard_file(self, name: str, shard: int) -> Path:
-        """The file of shard ``shard`` of array ``name`` (feats or feats_flip)."""
-        return self.path / name / "c" / str(shard) / "0" / "0" / "0"
+    def shard_key(self, name: str, shard: int) -> str:
+        """The key (path below the store root) of shard ``shard`` of array ``name`` (feats or feats_flip)."""
+        return f"{name}/c/{shard}/0/0/0"
+
+    def shard_file(self, name: str, shard: int) -> Path | str:
+        """The file (or object URL) of shard ``shard`` of array ``name``."""
+        return self.files.path(self.shard_key(name, shard))
 
     def _grid(self, n: int) -> tuple[int, int]:
         return int(self._transforms[n, 4]), int(self._transforms[n, 5])
@@ -289,7 +319,7 @@ class FeatureStore:
         scratch = np.empty(0, dtype=np.uint8)
         for name in self.array_names:
             try:
-                with _ShardFile(self, name, shard) as shard_file:
+                with _ShardFile(self, name, shard, whole=True) as shard_file:
                     for n in self.shard_range(shard):
                         try:
                             scratch = shard_file.check(n, scratch)
@@ -300,24 +330,26 @@ class FeatureStore:
         return problems
 
     def check_files(self) -> None:
-        """Raise `StoreError` naming the first shard file that is missing or too short (a stat each)."""
+        """Raise `StoreError` naming the first shard file that is missing or too short (a stat,
+        or a HEAD, each)."""
         index_bytes = 16 * self.shard_images + 4
         for shard in range(self.n_shards):
             for name in self.array_names:
                 file = self.shard_file(name, shard)
                 try:
-                    size = file.stat().st_size
+                    size = self.files.size(self.shard_key(name, shard))
                 except FileNotFoundError:
-                    raise self.damaged(file, self.shard_range(shard), "shard file is missing") from None
+                    raise self.damaged(file, self.shard_range(shard), "shard file is missing", ShardMissing) from None
                 if size < index_bytes:
                     raise self.damaged(file, self.shard_range(shard), f"shard file too short for its index ({size} bytes)")
 
-    def damaged(self, file: Path, rows: Iterable[int], what: str) -> StoreError:
-        """The error for damaged data of images ``rows`` in ``file``, with how to repair it."""
+    def damaged(self, file: Path | str, rows: Iterable[int], what: str,
+                kind: type[StoreError] = StoreError) -> StoreError:
+        """The error (a ``kind``) for damaged data of images ``rows`` in ``file``, with how to repair it."""
         ids = [self.image_ids[n] for n in rows]
         shown = ", ".join(map(repr, ids[:4])) + (f" and {len(ids) - 4} more" if len(ids) > 4 else "")
         problem = f"{file}: {what} (image{'s' if len(ids) > 1 else ''} {shown} of feature store {self.path})"
-        return StoreError(
+        return kind(
             f"{problem}; list every damaged image with `semcorr verify {self.path}`, "
             f"re-extract them with `{extract_command(self.path, self.attrs)}`",
             file=file, images=ids, problem=problem,
@@ -345,7 +377,7 @@ class FeatureStore:
             raise ValueError(f"{self.path}: store keeps flipped features; shard {shard} came without them")
         for name, maps in zip(self.array_names, (feats, feats_flip)):
             self._arrays[name][rows.start : rows.stop] = self._padded(rows, maps)
-            _fsync(self.shard_file(name, shard))
+            self.files.sync(self.shard_key(name, shard))
         self.mark_done(shard)
 
     def mark_done(self, shard: int) -> None:
@@ -354,20 +386,11 @@ class FeatureStore:
         self._group["done"][rows.start : rows.stop] = 1
 
     def adopt_shard(self, source: FeatureStore, shard: int) -> None:
-        """Take shard ``shard`` from ``source`` (a store of the same layout whose shard verified):
-        hard-link its files here (copy where the filesystem refuses a link), then set the
-        ``done`` flags. ``source``'s files are only ever read."""
+        """Take shard ``shard`` from ``source`` (a local store of the same layout whose shard
+        verified): hard-link its files here (copy where the filesystem refuses a link), then
+        set the ``done`` flags. ``source``'s files are only ever read."""
         for name in self.array_names:
-            src, dst = source.shard_file(name, shard), self.shard_file(name, shard)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f"{dst.name}.{uuid.uuid4().hex}.partial")
-            try:
-                os.link(src, tmp)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                    raise
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            self.files.link(source.files, self.shard_key(name, shard))
         self.mark_done(shard)
 
     def discard_shard(self, shard: int) -> None:
@@ -375,7 +398,7 @@ class FeatureStore:
         rows = self.shard_range(shard)
         self._group["done"][rows.start : rows.stop] = 0
         for name in self.array_names:
-            self.shard_file(name, shard).unlink(missing_ok=True)
+            self.files.delete(self.shard_key(name, shard))
 
     def finalize(self) -> bool:
         """Mark the store complete if every image is done and every shard verifies; returns
@@ -390,12 +413,19 @@ class FeatureStore:
                 raise StoreError(f"{self.path}: shard {shard} failed verification after writing "
                                  f"({problems[0].problem}); it was discarded: rerun the extract to write it again",
                                  file=problems[0].file, images=problems[0].images)
-        for partial in self.path.rglob("*.partial"):  # left by writers killed mid-file
-            partial.unlink(missing_ok=True)
-        self._group.attrs["complete"] = True
-        _consolidate(self.path)
+        self.files.remove_partials()  # left by writers killed mid-file
+        _consolidate(self.files.zarr_store(read_only=False))
+        # the marker and the consolidated metadata in one write of zarr.json: a reader sees both or neither
+        consolidated = zarr.open_group(store=self.files.zarr_store(read_only=False), mode="r+", use_consolidated=True,
+                                       zarr_format=3)
+        consolidated.attrs["complete"] = True
         self.attrs["complete"] = True
         return True
+
+    def mark_incomplete(self) -> None:
+        """Clear the ``complete`` marker (before a shard of a finished store is written again in place)."""
+        self._group.attrs["complete"] = False
+        self.attrs["complete"] = False
 
     def _padded(self, rows: range, feats: Sequence[np.ndarray]) -> np.ndarray:
         """``[len(rows), C, G, G]`` float16, each image's map at the top-left of zeros."""
@@ -418,16 +448,19 @@ class _ShardFile:
     that the file exists and the index checksum; reading an image, that the index has its
     chunk and the chunk's checksum."""
 
-    def __init__(self, store: FeatureStore, name: str, shard: int):
+    def __init__(self, store: FeatureStore, name: str, shard: int, whole: bool = False):
         self.store, self.rows = store, store.shard_range(shard)
-        self.path = store.shard_file(name, shard)
-        self.fd: int | None = None
+        self.key, self.whole = store.shard_key(name, shard), whole
+        self.path = store.files.path(self.key)
+        self.blob: Blob | None = None
 
     def __enter__(self) -> "_ShardFile":
+        """Opens the file; an object on object storage is fetched whole (one GET) when ``whole``,
+        else read by byte ranges."""
         try:
-            self.fd = os.open(self.path, os.O_RDONLY)
+            self.blob = self.store.files.blob(self.key, self.whole)
         except FileNotFoundError:
-            raise self._damaged(self.rows, "shard file is missing") from None
+            raise self.store.damaged(self.path, self.rows, "shard file is missing", ShardMissing) from None
         try:
             self._read_index()
         except BaseException:
@@ -436,12 +469,12 @@ class _ShardFile:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.blob is not None:
+            self.blob.close()
+            self.blob = None
 
     def _read_index(self) -> None:
-        size = os.fstat(self.fd).st_size
+        size = self.blob.size
         tail = np.empty(self.store.shard_images * 16 + 4, dtype=np.uint8)
         if size < tail.size:
             raise self._damaged(self.rows, f"shard file too short for its index ({size} bytes)")
@@ -500,21 +533,21 @@ class _ShardFile:
     def _pread(self, offset: int, out: np.ndarray) -> None:
         view, done = memoryview(out).cast("B"), 0
         while done < len(view):
-            got = os.preadv(self.fd, [view[done:]], offset + done)
+            got = self.blob.pread(offset + done, view[done:])
             if got == 0:
                 raise self._damaged(self.rows, f"unexpected end of file at byte {offset + done}")
             done += got
 
 
-def open_store(path: Path, expect: dict | None = None, complete: bool = True) -> FeatureStore:
-    """Open a feature store for reading.
+def open_store(path: Path | str, expect: dict | None = None, complete: bool = True) -> FeatureStore:
+    """Open a feature store for reading: a folder, or a URL (``s3://bucket/prefix/x.zarr``).
 
     Raises `StoreError` if ``path`` is not a feature store (or, with ``complete``, not a
-    finished one, or one with a missing shard file: a stat of each) and `StoreMismatch`
-    naming every key whose value differs from ``expect``. Messages name the file that is
-    wrong and the ``semcorr extract`` call that rebuilds the store.
+    finished one, or one with a missing shard file: a stat, or a HEAD, of each) and
+    `StoreMismatch` naming every key whose value differs from ``expect``. Messages name the
+    file that is wrong and the ``semcorr extract`` call that rebuilds the store.
     """
-    path = Path(path)
+    path = location(path).root
     store = _open(path, consolidated=complete, writable=False)
     if complete and not store.attrs.get("complete"):
         done = int(np.count_nonzero(store.done()))
@@ -528,15 +561,22 @@ def open_store(path: Path, expect: dict | None = None, complete: bool = True) ->
     return store
 
 
-def _open(path: Path, consolidated: bool, writable: bool) -> FeatureStore:
+def _open(path: Path | str, consolidated: bool, writable: bool) -> FeatureStore:
     """The store at ``path`` with its metadata checked; `StoreError` naming what is wrong."""
-    if not (path / "zarr.json").is_file():
+    files = location(path)
+    path = files.root
+    try:
+        present = files.exists("zarr.json")
+    except OSError as exc:
+        raise StoreUnreachable(f"{path}: cannot reach the store ({exc})") from None
+    if not present:
         raise StoreError(f"{path}: not a feature store (no zarr.json); run `{extract_command(path)}` to make it")
     try:
-        group = zarr.open_group(store=str(path), mode="r+" if writable else "r", use_consolidated=consolidated)
+        group = zarr.open_group(store=files.zarr_store(read_only=not writable), mode="r+" if writable else "r",
+                                use_consolidated=consolidated, zarr_format=3)
         attrs = dict(group.attrs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"{path / 'zarr.json'}: unreadable store metadata ({exc}); "
+        raise StoreError(f"{files.path('zarr.json')}: unreadable store metadata ({exc}); "
                          f"rebuild the store with `{extract_command(path)}`") from None
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{path}: not a semcorr feature store of this version (format {attrs.get('format')!r}, "
@@ -571,7 +611,7 @@ class StoreReport:
     """What `verify_store` found. ``problems``: one line each, naming the file and what is
     wrong; ``bad_images``: the image ids to re-extract (``bad_shards``: their shards)."""
 
-    path: Path
+    path: Path | str
     attrs: dict = field(default_factory=dict)
     images: int = 0
     shards: int = 0
@@ -579,6 +619,7 @@ class StoreReport:
     bad_images: list[str] = field(default_factory=list)
     bad_shards: list[int] = field(default_factory=list)
     rebuild: bool = False  # the store cannot be opened at all: every image is re-extracted
+    unreachable: bool = False  # its storage cannot be reached: nothing was checked
 
     @property
     def ok(self) -> bool:
@@ -588,6 +629,9 @@ class StoreReport:
     def repair(self) -> str:
         """How to repair the store (the ``semcorr extract`` call that re-extracts what is bad)."""
         command = extract_command(self.path, self.attrs)
+        if self.unreachable:
+            return ("nothing was checked: make the storage reachable (for a URL: the endpoint and credentials "
+                    "in the AWS environment), then verify again")
         if self.rebuild:
             return f"rebuild the whole store: `{command}`"
         if self.bad_images:
@@ -596,16 +640,17 @@ class StoreReport:
         return f"finish the store: `{command}`"
 
 
-def verify_store(path: Path) -> StoreReport:
-    """Check a store end to end: metadata, every shard file present, every index and chunk
-    checksum, the ``done`` flags against the data, and completeness."""
-    path = Path(path)
+def verify_store(path: Path | str) -> StoreReport:
+    """Check a store (a folder or a URL) end to end: metadata, every shard file present, every
+    index and chunk checksum, the ``done`` flags against the data, and completeness."""
+    path = location(path).root
     report = StoreReport(path)
     try:
         store = _open(path, consolidated=False, writable=False)
     except StoreError as exc:
         report.problems.append(str(exc))
-        report.rebuild = True
+        report.unreachable = isinstance(exc, StoreUnreachable)
+        report.rebuild = not report.unreachable
         return report
     report.attrs, report.images, report.shards = store.attrs, len(store), store.n_shards
     done = store.done()
@@ -617,9 +662,9 @@ def verify_store(path: Path) -> StoreReport:
             report.problems.append(problem.problem + (" [marked done]" if done[rows.start : rows.stop].any() else ""))
             bad.setdefault(shard, set()).update(problem.images)
         if not problems and not done[rows.start : rows.stop].all():
-            report.problems.append(f"{path / 'done'}: shard {shard} is intact but not marked done")
+            report.problems.append(f"{store.files.path('done')}: shard {shard} is intact but not marked done")
     if not store.attrs.get("complete"):
-        report.problems.append(f"{path / 'zarr.json'}: store not marked complete "
+        report.problems.append(f"{store.files.path('zarr.json')}: store not marked complete "
                                f"({int(done.sum())} of {len(store)} images done)")
     else:
         try:
@@ -637,7 +682,7 @@ def verify_store(path: Path) -> StoreReport:
 
 
 def create_store(
-    path: Path,
+    path: Path | str,
     attrs: dict,
     image_ids: Sequence[str],
     transforms: Sequence[CellTransform],
@@ -650,12 +695,16 @@ def create_store(
 
     A store with another configuration raises `StoreMismatch`; with ``replace_stale`` it
     (or an unreadable leftover) is deleted and recreated. Creation is atomic: the skeleton
-    is built in a temp folder and renamed into place; a concurrent creator that loses the
-    race opens the winner's store.
+    is built in a temp folder and renamed into place (on object storage: uploaded, its
+    ``zarr.json`` first, created only if absent); a concurrent creator that loses the race
+    opens the winner's store.
     """
-    path = Path(path)
+    files = location(path)
+    path = files.root
     layout = store_layout(path, attrs, image_ids, shard_images, codec)
     table = _transform_table(transforms)
+    if files.remote:
+        return _create_object_store(files, layout, table, shard_images, replace_stale)
     if path.exists():
         try:
             return open_matching(path, layout, table)
@@ -681,7 +730,40 @@ def create_store(
     return _open(path, consolidated=False, writable=True)
 
 
-def store_layout(path: Path, attrs: dict, image_ids: Sequence[str], shard_images: int, codec: str) -> dict:
+def _create_object_store(files: ObjectFiles, layout: dict, table: np.ndarray, shard_images: int,
+                         replace_stale: bool) -> FeatureStore:
+    """`create_store` on object storage. ``zarr.json`` is uploaded first with ``If-None-Match: *``:
+    exactly one creator wins and fixes the store's configuration; the rest of the skeleton
+    follows. A writer that finds a store waits (up to `_SKELETON_WAIT_S`) for its skeleton to
+    be whole, then opens it if it holds this configuration."""
+    deadline = time.monotonic() + _SKELETON_WAIT_S
+    while True:
+        if files.exists("zarr.json"):
+            try:
+                return open_matching(files.root, layout, table)
+            except StoreMismatch:
+                if not replace_stale:
+                    raise
+            except StoreError:
+                if time.monotonic() < deadline:  # its creator may still be uploading the skeleton
+                    time.sleep(0.2)
+                    continue
+                if not replace_stale:
+                    raise
+            files.remove()
+        with tempfile.TemporaryDirectory(prefix="semcorr-skeleton-") as tmp:
+            group = _create_group(Path(tmp), layout, len(layout["image_ids"]), table, shard_images)
+            group.attrs["complete"] = False
+            _consolidate(tmp)
+            if files.create_exclusive("zarr.json", (Path(tmp) / "zarr.json").read_bytes()):
+                keys = sorted(f.relative_to(tmp).as_posix() for f in Path(tmp).rglob("*") if f.is_file())
+                # array metadata, then the transforms chunks: a store opens once those exist
+                for key in sorted(set(keys) - {"zarr.json"}, key=lambda k: (k.startswith("transforms/c/"), k)):
+                    files.put(key, (Path(tmp) / key).read_bytes())
+                return _open(files.root, consolidated=False, writable=True)
+
+
+def store_layout(path: Path | str, attrs: dict, image_ids: Sequence[str], shard_images: int, codec: str) -> dict:
     """The attrs a store made from these arguments holds (``versions`` aside, its configuration)."""
     _check_required(path, attrs)
     if codec not in CODECS:
@@ -691,7 +773,7 @@ def store_layout(path: Path, attrs: dict, image_ids: Sequence[str], shard_images
     return _jsonable(layout)
 
 
-def open_matching(path: Path, layout: dict, transforms: np.ndarray, writable: bool = True) -> FeatureStore:
+def open_matching(path: Path | str, layout: dict, transforms: np.ndarray, writable: bool = True) -> FeatureStore:
     """Open an existing (possibly incomplete) store if it holds the configuration ``layout``
     (`store_layout`) and per-image ``transforms: [N, 8]``; else `StoreMismatch` (or
     `StoreError` when it is not a readable store)."""
@@ -715,8 +797,12 @@ def write_store(
 
     Streams shard by shard (memory: one shard); grids are at most
     ``ceil(input_size / patch_size)`` cells a side. Atomic: the store appears complete
-    and verified, replacing what was at ``path`` in one rename, or not at all.
+    and verified, replacing what was at ``path`` in one rename, or not at all. ``path``
+    is local (stores on object storage are built by `pipeline.extract.extract_features`).
     """
+    if is_url(path):
+        raise ValueError(f"{path}: write_store writes local stores; a store on object storage is built "
+                         "in place by extract (`semcorr extract --store URL`)")
     path = Path(path)
     attrs = dict(attrs)
     attrs.setdefault("versions", library_versions())
@@ -786,7 +872,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
 
 
-def _check_layout(path: Path, array: zarr.Array, codec: str) -> None:
+def _check_layout(path: Path | str, array: zarr.Array, codec: str) -> None:
     """The array must have the exact layout `_create_group` writes for ``codec`` (the one
     `_ShardFile` reads): one cell-major chunk per image, crc32c last, index at the end."""
     c, g = array.shape[1], array.shape[2]
@@ -795,36 +881,26 @@ def _check_layout(path: Path, array: zarr.Array, codec: str) -> None:
     codecs = array.metadata.codecs
     if (array.dtype != np.float16 or array.shape[2] != array.shape[3] or len(codecs) != 1
             or codecs[0].to_dict() != expected.to_dict()):
-        raise StoreError(f"{path / array.path / 'zarr.json'}: unexpected chunk layout for codec {codec!r}; "
+        raise StoreError(f"{path}/{array.path}/zarr.json: unexpected chunk layout for codec {codec!r}; "
                          f"rebuild the store with `{extract_command(path)}`")
 
 
-def _read_transforms(path: Path, group: zarr.Group) -> np.ndarray:
+def _read_transforms(files: LocalFiles | ObjectFiles, group: zarr.Group) -> np.ndarray:
     """``[N, 8]`` transforms; every chunk file must exist (zarr would read a missing one as zeros)."""
     array = group["transforms"]
     rows = array.chunks[0]
+    path = files.root
     for k in range(math.ceil(array.shape[0] / rows)):
-        file = path / "transforms" / "c" / str(k) / "0"
-        if not file.is_file():
-            raise StoreError(f"{path}: transforms chunk file is missing: {file}; "
-                             f"rebuild the store with `{extract_command(path, dict(group.attrs))}`", file=file)
+        key = f"transforms/c/{k}/0"
+        if not files.exists(key):
+            raise StoreError(f"{path}: transforms chunk file is missing: {files.path(key)}; "
+                             f"rebuild the store with `{extract_command(path, dict(group.attrs))}`",
+                             file=files.path(key))
     try:
         return array[:]
     except ValueError as exc:  # crc32c mismatch
-        raise StoreError(f"{path / 'transforms'}: corrupt transforms ({exc}); "
+        raise StoreError(f"{files.path('transforms')}: corrupt transforms ({exc}); "
                          f"rebuild the store with `{extract_command(path, dict(group.attrs))}`") from None
-
-
-def _prefetch_file(path: Path) -> None:
-    """Ask the kernel to start reading ``path`` into the page cache (returns at once)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
 
 
 def _create_group(
@@ -865,21 +941,13 @@ def _check_required(path: Path, attrs: dict) -> None:
         raise ValueError(f"{path}: attrs {reserved} are managed by the store")
 
 
-def _consolidate(path: Path) -> None:
-    """One metadata read for readers. zarr warns that consolidated metadata is not in the v3
-    spec yet; semcorr reads its stores only with zarr-python, which supports it."""
+def _consolidate(store) -> None:
+    """One metadata read for readers (``store``: a folder path or a zarr store). zarr warns
+    that consolidated metadata is not in the v3 spec yet; semcorr reads its stores only with
+    zarr-python, which supports it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(path)
-
-
-def _fsync(path: Path) -> None:
-    if path.exists():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        zarr.consolidate_metadata(store, zarr_format=3)
 
 
 def _numpy(feats) -> np.ndarray:

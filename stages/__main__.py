@@ -22,7 +22,13 @@ def _load_package(name: str, folder: Path) -> None:
 
 
 if "semcorr" not in sys.modules:
-    namespace = types.ModuleType("semcorr")
+    init = ROOT / "semcorr" / "__init__.py"  # the package's lazy descriptor API (a workspace copy has none)
+    if init.is_file():
+        spec = importlib.util.spec_from_file_location("semcorr", init, submodule_search_locations=[])
+        namespace = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(namespace)
+    else:
+        namespace = types.ModuleType("semcorr")
     namespace.__path__ = []  # subpackages are registered below, never searched for
     sys.modules["semcorr"] = namespace
 for package in ("pipeline", "stages"):

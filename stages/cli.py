@@ -20,15 +20,22 @@ STAGES = {
     "extract": ("semcorr.stages.extract", "command", "Dense features of every image of a dataset into a zarr store."),
     "verify": ("semcorr.stages.verify", "command", "Check every shard and checksum of a feature store; say how to repair it."),
     "finetune": ("semcorr.stages.finetune", "command", "Fine-tune the last N blocks of a backbone with Gaussian cross-entropy."),
-    "match": ("semcorr.stages.match", "command", "Predict target keypoints from cached features (argmax, then soft-argmax)."),
+    "head": ("semcorr.stages.head", "command", "Train a light post-processor on cached features (no backbone runs)."),
+    "head_apply": ("semcorr.stages.head", "apply_command", "Run a trained head over a store: the variant <backbone>_head."),
+    "tune": ("semcorr.stages.tune", "command", "Choose matching settings (upsampling, window, temperature) on a val split."),
+    "match": ("semcorr.stages.match", "command", "Predict target keypoints from cached features (argmax, soft-argmax, val-tuned)."),
     "evaluate": ("semcorr.stages.evaluate", "command", "PCK per image and per point from a predictions folder."),
+    "keypoints": ("semcorr.stages.sparse", "keypoints_command", "SIFT keypoints of a homography benchmark's images (hloc features file)."),
+    "sparse": ("semcorr.stages.sparse", "command", "Sparse matching with local, semantic and fused descriptors: MMA, homography accuracy."),
+    "propagate": ("semcorr.stages.propagate", "command", "Propagate first-frame masks / joints through each video by cached-feature affinities."),
+    "video_eval": ("semcorr.stages.video_eval", "command", "DAVIS J&F and JHMDB PCK of a propagation, against copying the first frame."),
     "report": ("semcorr.stages.report", "command", "Summary table, text reports, charts and pictures over every evaluation."),
     "visualize": ("semcorr.stages.report", "visualize_command", "Draw one pair: ground truth against prediction."),
     "workspace": ("semcorr.stages.workspace", "command", "Create or refresh a self-contained git+DVC workspace (used by `make demo`)."),
 }
 
 HELP = ("semcorr: cache-first semantic-correspondence evaluation and fine-tuning. "
-        "Stages in DAG order: download, prepare, extract, finetune, match, evaluate, report.")
+        "Stages in DAG order: download, prepare, extract, finetune, match, evaluate, propagate, video_eval, report.")
 
 
 def usage() -> str:

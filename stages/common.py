@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -35,8 +36,9 @@ def weights_info(data_root: Path, variant: str) -> dict:
     """``data/weights/<variant>/weights.json`` (written by the weights or finetune stage)."""
     path = Path(data_root) / "weights" / variant / "weights.json"
     if not path.is_file():
-        base, _, depth = variant.rpartition("_ft")
-        hint = (f"semcorr finetune --backbone {base} --depth {depth}" if base and depth.isdigit()
+        found = re.fullmatch(r"(.+)_(ft|lora)(\d+)", variant)
+        hint = (f"semcorr finetune --backbone {found[1]} --{'depth' if found[2] == 'ft' else 'lora-rank'} {found[3]}"
+                if found else f"semcorr head --backbone {variant.removesuffix('_head')}" if variant.endswith("_head")
                 else f"semcorr download {variant}")
         raise FileNotFoundError(f"{path}: not found; run `{hint}` first")
     return json.loads(path.read_text())
@@ -53,6 +55,13 @@ def expected_store_attrs(backbone: str, variant: str, tuned: int | None, model: 
         "weights_sha256": weights.get("sha256") if weights.get("file") else None,
         "random_init": bool(weights.get("random_init", False)),
     }
+
+
+def variant_store_attrs(p, variant: str, dataset: str) -> dict:
+    """`expected_store_attrs` of ``data/features/<variant>/<dataset>.zarr`` under params ``p``."""
+    key, tuned = p.variant(variant)
+    model = p.backbone_conf(key).model.model_dump()
+    return expected_store_attrs(key, variant, tuned, model, weights_info(DATA, variant), dataset, p.extract.flips)
 
 
 def steps(items, description: str, label=str):

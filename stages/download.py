@@ -1,5 +1,5 @@
 """Stage `download`: one dataset -> ``data/raw/<name>/``, one backbone's weights ->
-``data/weights/<name>/``, or the embedded synthetic set -> ``data/raw/synthetic/``.
+``data/weights/<name>/``, or an embedded set (synthetic, synthvideo) -> ``data/raw/<name>/``.
 
 Copies of a local ``source`` are reflinks where the file system supports them, else
 plain copies, so nothing under ``data/`` shares its bytes with the user's mirror.
@@ -17,21 +17,21 @@ from semcorr.stages.params import DEFAULT_PARAMS, load_params
 
 
 def main(name: str, conf: dict, data_root: Path = DATA, force: bool = False) -> Path:
-    """``conf``: params ``download.<name>`` for a dataset (or synthetic), ``backbone.<name>.weights``
+    """``conf``: params ``download.<name>`` for a dataset (or an embedded set), ``backbone.<name>.weights``
     for a backbone (keys checkpoint, source, sha256, random_init)."""
-    from semcorr.pipeline.download import DATASETS, download_dataset, download_weights
+    from semcorr.pipeline.datasets import GENERATED, generator
+    from semcorr.pipeline.download import DATASETS, VIDEO_DATASETS, download_dataset, download_weights
 
     data_root = Path(data_root)
-    if name == "synthetic":
-        from semcorr.pipeline.datasets import synthetic
+    if name in GENERATED:
         from semcorr.pipeline.io import staged, work_root
 
         out = data_root / "raw" / name
         with staged(out, work_root(data_root)) as tmp:
-            synthetic.generate(tmp, conf)
+            generator(name).generate(tmp, conf)
         return out
     source = Path(conf["source"]) if conf.get("source") else None
-    if name in DATASETS:
+    if name in DATASETS or name in VIDEO_DATASETS:
         return download_dataset(name, data_root / "raw" / name, source, data_root / "downloads", force=force)
     return download_weights(name, data_root / "weights" / name, conf.get("checkpoint"), source,
                             bool(conf.get("random_init")), sha256=conf.get("sha256"),
@@ -39,7 +39,7 @@ def main(name: str, conf: dict, data_root: Path = DATA, force: bool = False) -> 
 
 
 def command(
-    name: Annotated[str, typer.Argument(help="dataset key (download.<name>), backbone key (backbone.<name>) or 'synthetic'")],
+    name: Annotated[str, typer.Argument(help="dataset key (download.<name>, e.g. spair, davis, synthetic) or backbone key (backbone.<name>)")],
     force: Annotated[bool, typer.Option(help="fetch or copy again even if the output looks complete")] = False,
     params: Annotated[Path, typer.Option(help="params file")] = DEFAULT_PARAMS,
 ) -> None:

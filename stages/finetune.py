@@ -1,13 +1,17 @@
-"""Stage `finetune`: train the last N blocks of ``backbone.<B>`` on ``finetune.train_dataset``.
+"""Stage `finetune`: fine-tune ``backbone.<B>`` on ``finetune.train_dataset``, in one of two modes:
 
-Outputs (each written as one unit when training ends)::
+- ``--depth N``: train the last N blocks (and the head) -> variant ``<B>_ft<N>``;
+- ``--lora-rank R``: train only LoRA adapters (peft) of rank R on the attention projections
+  of params ``lora.depth`` last blocks (null: every block), then merge them in -> ``<B>_lora<R>``.
 
-    data/weights/<B>_ft<N>/      model.pth (full state dict), weights.json (sha256, best epoch, base)
-    data/finetune/<B>_ft<N>/state/  state.pt (last epoch's training state), curve.csv
-    data/finetune/<B>_ft<N>/live/   dvclive: metrics.json and plots/metrics/*.tsv, written every epoch
+Outputs (each written as one unit when training ends; ``<V>`` the variant)::
+
+    data/weights/<V>/          model.pth (full plain state dict), weights.json (sha256, best epoch, base, mode)
+    data/finetune/<V>/state/   state.pt (last epoch's training state), curve.csv
+    data/finetune/<V>/live/    dvclive: metrics.json and plots/metrics/*.tsv, written every epoch
 
 Work in progress (per-epoch resume state, prefix cache) lives in
-``data/.semcorr/partial/finetune/<B>_ft<N>/``: a killed run resumes from its last epoch.
+``data/.semcorr/partial/finetune/<V>/``: a killed run resumes from its last epoch.
 """
 
 from __future__ import annotations
@@ -29,9 +33,29 @@ def tuned_variant(backbone: str, depth: int) -> str:
     return f"{backbone}_ft{depth}"
 
 
+def lora_variant(backbone: str, rank: int) -> str:
+    return f"{backbone}_lora{rank}"
+
+
 def main(backbone: str, depth: int, model: dict, ft: dict, data_root: Path = DATA) -> Path:
-    """Fine-tune ``backbone`` (``model`` = params ``backbone.<key>.model``, ``ft`` = params
-    ``finetune``) at ``depth``; returns the tuned weights folder."""
+    """Fine-tune the last ``depth`` blocks of ``backbone`` (``model`` = params
+    ``backbone.<key>.model``, ``ft`` = params ``finetune``); returns the tuned weights folder."""
+    conf = {k: v for k, v in ft.items() if k not in STAGE_KEYS} | {"mode": "blocks", "depth": int(depth)}
+    return _run(backbone, tuned_variant(backbone, depth), model, ft, conf, {"mode": "blocks", "depth": int(depth)},
+                data_root)
+
+
+def main_lora(backbone: str, rank: int, model: dict, ft: dict, lora: dict, data_root: Path = DATA) -> Path:
+    """LoRA fine-tuning of ``backbone`` at ``rank`` (``lora`` = params ``lora``: alpha,
+    targets, depth); returns the tuned (merged) weights folder ``<backbone>_lora<rank>``."""
+    adapters = {"rank": int(rank), "alpha": float(lora["alpha"]), "targets": list(lora["targets"])}
+    conf = {k: v for k, v in ft.items() if k not in STAGE_KEYS} | {"mode": "lora", "depth": lora["depth"],
+                                                                  "lora": adapters}
+    return _run(backbone, lora_variant(backbone, rank), model, ft, conf,
+                {"mode": "lora", "depth": lora["depth"], "lora": adapters}, data_root)
+
+
+def _run(backbone: str, variant: str, model: dict, ft: dict, conf: dict, record: dict, data_root: Path) -> Path:
     from semcorr.pipeline.backbones import build_backbone
     from semcorr.pipeline.extract import resolve_device
     from semcorr.pipeline.finetune import finetune, save_tuned, write_curve
@@ -40,11 +64,9 @@ def main(backbone: str, depth: int, model: dict, ft: dict, data_root: Path = DAT
     from semcorr.stages.extract import backbone_spec
 
     data_root = Path(data_root)
-    variant = tuned_variant(backbone, depth)
     spec, _ = backbone_spec(model, data_root / "weights" / backbone)
     prepared = data_root / "prepared" / ft["train_dataset"]
     pairs, images = read_pairs(prepared), read_images(prepared)
-    conf = {k: v for k, v in ft.items() if k not in STAGE_KEYS} | {"depth": int(depth)}
     work = work_root(data_root) / "partial" / "finetune" / variant
     live_dir = data_root / "finetune" / variant / "live"
     live = DvcLiveCurve(live_dir)
@@ -53,11 +75,13 @@ def main(backbone: str, depth: int, model: dict, ft: dict, data_root: Path = DAT
         resolve_device(ft["device"]), on_row=live, log=lambda line: console.print(line, highlight=False),
     )
     meta = {
-        "source": "finetune", "base": backbone, "base_sha256": spec.sha256, "depth": int(depth),
+        "source": "finetune", "base": backbone, "base_sha256": spec.sha256, **record,
         "random_init": spec.random_init,  # tuned from an untrained base: still not a trained model
         "train_dataset": ft["train_dataset"], "best_epoch": result.best_epoch, "best_val_pck": result.best_val_pck,
         "base_val_pck": result.base_val_pck, "trained_parameters": result.trainable,
     }
+    if result.adapted:
+        meta["adapted_modules"] = result.adapted  # merged into model.pth: it loads as a plain checkpoint
     out = save_tuned(data_root / "weights" / variant, result.state_dict, meta, work_root(data_root))
     with staged(data_root / "finetune" / variant / "state", work_root(data_root)) as state:
         state.mkdir(parents=True)
@@ -93,11 +117,20 @@ class DvcLiveCurve:
 
 def command(
     backbone: Annotated[str, typer.Option(help="backbone key (backbone.<key> in params)")],
-    depth: Annotated[int, typer.Option(help="number of last transformer blocks to train (2, 4, 6)")],
+    depth: Annotated[int | None, typer.Option(help="train the last N transformer blocks -> <backbone>_ft<N>")] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="train LoRA adapters of this rank (params `lora`) -> "
+                                                       "<backbone>_lora<R>")] = None,
     params: Annotated[Path, typer.Option(help="params file")] = DEFAULT_PARAMS,
 ) -> None:
-    """Fine-tune the last N blocks of a backbone with Gaussian cross-entropy."""
+    """Fine-tune a backbone with Gaussian cross-entropy: its last N blocks, or LoRA adapters."""
     with clean_errors():
+        if (depth is None) == (lora_rank is None):
+            raise ValueError("give exactly one of --depth N (block fine-tuning) and --lora-rank R (LoRA)")
         p = load_params(params)
-        p.variant(tuned_variant(backbone, depth))
-        main(backbone, depth, p.backbone_conf(backbone).model.model_dump(), p.finetune.model_dump())
+        model = p.backbone_conf(backbone).model.model_dump()
+        if depth is not None:
+            p.variant(tuned_variant(backbone, depth))
+            main(backbone, depth, model, p.finetune.model_dump())
+        else:
+            p.variant(lora_variant(backbone, lora_rank))
+            main_lora(backbone, lora_rank, model, p.finetune.model_dump(), p.lora.model_dump())

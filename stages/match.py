@@ -4,10 +4,14 @@
 settings than params say), computes the similarities once and writes the argmax matches
 plus the similarity windows around each (``windows.npz``). ``--method softargmax`` refines
 those from the windows alone: no feature is read, so a soft-argmax setting never re-runs
-the argmax. Each method's folder is written as one unit::
+the argmax. ``--method valtuned`` matches with the settings the tune stage chose on a val
+split (``data/tuning/<V>/<D>/chosen.json``). Each method's folder is written as one unit::
 
-    predictions.parquet  pair_id, kp_index, x, y (original target pixels), score, reliable, visible
-    matches.h5           the same in hloc's match-file layout (`pipeline.export`)
+    predictions.parquet  pair_id, kp_index, x, y (original target pixels), score, reliable, visible;
+                         with pose alignment also pose_flip (the pair's source was mirrored) and
+                         source_flip (the keypoint's descriptor came from the mirrored source)
+    unaligned.parquet    argmax with pose alignment only: pair_id, kp_index, x, y without it
+    matches.h5, features.h5  the same as hloc match and feature files (`pipeline.export`)
     windows.npz          argmax only: peaks, windows, grids, transforms (`pipeline.matching.Matches`)
     setting.json         what made it: match params, store attrs, split, pair table and file sha256s
 
@@ -22,7 +26,7 @@ from typing import Annotated
 
 import typer
 
-from semcorr.stages.common import DATA, clean_errors, console, expected_store_attrs, weights_info
+from semcorr.stages.common import DATA, clean_errors, console, variant_store_attrs
 from semcorr.stages.params import DEFAULT_PARAMS, METHODS, load_params
 
 # Store attrs copied into the setting every report states.
@@ -44,6 +48,8 @@ def main(dataset: str, variant: str, method: str, conf: dict, split: str = "test
     data_root = Path(data_root)
     if method == "argmax":
         return _argmax(dataset, variant, dict(conf["argmax"]), split, expect, data_root)
+    if method == "valtuned":
+        return _valtuned(dataset, variant, conf, split, expect, data_root)
     return _softargmax(dataset, variant, conf, split, data_root)
 
 
@@ -53,19 +59,43 @@ def _argmax(dataset: str, variant: str, conf: dict, split: str, expect: dict | N
     from semcorr.pipeline.matching import check_conf, match_pairs
     from semcorr.pipeline.store import open_store
 
+    from semcorr.pipeline.pose import check_store
+    from semcorr.pipeline.tables import read_images
+
     conf = check_conf(conf)
     pairs, pairs_sha = _pairs(data_root, dataset, split)
     store = open_store(data_root / "features" / variant / f"{dataset}.zarr", expect=expect)
-    console.print(f"match {variant}/{dataset}: argmax over {len(pairs)} {split} pairs")
-    matches = match_pairs(store, pairs, conf, log=lambda line: console.print(line, highlight=False))
+    if conf["pose_align"] != "none":
+        check_store(store)
+    console.print(f"match {variant}/{dataset}: argmax over {len(pairs)} {split} pairs"
+                  + (f", pose alignment {conf['pose_align']}" if conf["pose_align"] != "none" else ""))
+    matches = match_pairs(store, pairs, conf, log=lambda line: console.print(line, highlight=False),
+                          images=read_images(data_root / "prepared" / dataset))
     setting = {
         "variant": variant, "dataset": dataset, "method": "argmax", "split": split, "pairs_sha256": pairs_sha,
         "match": {"argmax": conf},
         **{k: store.attrs.get(k) for k in SETTING_ATTRS},
         "train_dataset": _train_dataset(data_root, variant),
     }
-    return _write(data_root, variant, dataset, "argmax", pairs, matches.table, setting,
-                  extra=lambda folder: np.savez(folder / "windows.npz", **matches.arrays()))
+    if matches.pose is not None:
+        setting["pose"] = pose_setting(conf["pose_align"], matches.pose, pairs)
+
+    def extra(folder: Path) -> None:
+        np.savez(folder / "windows.npz", **matches.arrays())
+        if matches.unaligned is not None:
+            matches.unaligned.to_parquet(folder / "unaligned.parquet", index=False)
+
+    return _write(data_root, variant, dataset, "argmax", pairs, matches.table, setting, extra=extra)
+
+
+def pose_setting(align: str, choice, pairs) -> dict:
+    """What the report states of a pose alignment: the setting, the foreground it measured
+    (the dataset's masks, or the whole image where there are none), how many pairs it
+    mirrored, and how keypoints found their mirrored counterparts."""
+    tables = "flip_index" in pairs.columns and pairs["flip_index"].notna().any()
+    return {"align": align, "foreground": choice.foreground, "flipped_pairs": int(choice.flip.sum()),
+            "pairs": int(len(choice.flip)),
+            "counterparts": "left/right table (flip_index)" if tables else "identity (no left/right table)"}
 
 
 def _softargmax(dataset: str, variant: str, conf: dict, split: str, data_root: Path) -> Path:
@@ -86,6 +116,40 @@ def _softargmax(dataset: str, variant: str, conf: dict, split: str, data_root: P
     return _write(data_root, variant, dataset, "softargmax", pairs, refine(matches, soft), setting)
 
 
+def _valtuned(dataset: str, variant: str, conf: dict, split: str, expect: dict | None, data_root: Path) -> Path:
+    """The ``split`` pairs matched with the settings the tune stage chose on val."""
+    from semcorr.pipeline.store import open_store
+    from semcorr.pipeline.tuning import predict
+    from semcorr.stages.tune import tuning_dir
+
+    path = tuning_dir(data_root, variant, dataset) / "chosen.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run `semcorr tune --dataset {dataset} --variant {variant}` first")
+    tuned = json.loads(path.read_text())
+    if tuned["grid"] != dict(conf["valtuned"]):
+        raise ValueError(f"{path}: chosen from another grid than params `match.valtuned`; re-run `semcorr tune`")
+    pairs, pairs_sha = _pairs(data_root, dataset, split)
+    store = open_store(data_root / "features" / variant / f"{dataset}.zarr", expect=expect)
+    chosen = tuned["setting"]
+    console.print(f"match {variant}/{dataset}: {len(pairs)} {split} pairs with the settings chosen on "
+                  f"{tuned['tuned_on']['dataset']} val: {chosen}")
+    from semcorr.pipeline.tables import read_images
+
+    mutual, align = bool(conf["argmax"]["mutual"]), conf["argmax"].get("pose_align", "none")
+    table, pose = predict(store, pairs, chosen, mutual=mutual, log=lambda line: console.print(line, highlight=False),
+                          pose_align=align, images=read_images(data_root / "prepared" / dataset))
+    setting = {
+        "variant": variant, "dataset": dataset, "method": "valtuned", "split": split, "pairs_sha256": pairs_sha,
+        "match": {"argmax": dict(conf["argmax"]), "valtuned": dict(conf["valtuned"]), "chosen": chosen},
+        "tuned_on": tuned["tuned_on"],
+        **{k: store.attrs.get(k) for k in SETTING_ATTRS},
+        "train_dataset": _train_dataset(data_root, variant),
+    }
+    if pose is not None:
+        setting["pose"] = pose_setting(align, pose, pairs)
+    return _write(data_root, variant, dataset, "valtuned", pairs, table, setting)
+
+
 def _pairs(data_root: Path, dataset: str, split: str):
     from semcorr.pipeline.tables import TableError, read_pairs
     from semcorr.pipeline.weights import sha256_file
@@ -100,13 +164,15 @@ def _pairs(data_root: Path, dataset: str, split: str):
 def _write(data_root: Path, variant: str, dataset: str, method: str, pairs, table, setting: dict, extra=None) -> Path:
     from semcorr.pipeline.export import write_matches_h5
     from semcorr.pipeline.io import staged, work_root, write_json
+    from semcorr.pipeline.tables import read_images
     from semcorr.pipeline.weights import sha256_file
 
     out = predictions_dir(data_root, variant, dataset, method)
+    images = read_images(data_root / "prepared" / dataset)
     with staged(out, work_root(data_root)) as folder:
         folder.mkdir(parents=True)
         table.to_parquet(folder / "predictions.parquet", index=False)
-        write_matches_h5(folder / "matches.h5", pairs, table)
+        write_matches_h5(folder / "matches.h5", pairs, table, images, folder / "features.h5")
         if extra is not None:
             extra(folder)
         files = {f.name: sha256_file(f) for f in sorted(folder.iterdir())}
@@ -162,10 +228,6 @@ def command(
     with clean_errors():
         p = load_params(params)
         p.dataset(dataset)
-        key, tuned = p.variant(variant)
-        expect = None
-        if method == "argmax":
-            model = p.backbone_conf(key).model.model_dump()
-            expect = expected_store_attrs(key, variant, tuned, model, weights_info(DATA, variant), dataset,
-                                          p.extract.flips)
+        p.variant(variant)
+        expect = variant_store_attrs(p, variant, dataset) if method in ("argmax", "valtuned") else None
         main(dataset, variant, method, p.match.model_dump(), p.evaluate.split, expect)

@@ -1,4 +1,5 @@
-"""Stage `prepare`: ``data/raw/<dataset>/`` -> ``data/prepared/<dataset>/{pairs,images}.parquet``."""
+"""Stage `prepare`: ``data/raw/<dataset>/`` -> ``data/prepared/<dataset>/{pairs,images}.parquet``
+(a video dataset: ``{images,frames}.parquet`` and its ``masks`` / ``keypoints`` tables)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ def main(dataset: str, data_root: Path = DATA, raw_dir: Path | None = None) -> P
 
 
 def command(
-    dataset: Annotated[str, typer.Argument(help="dataset key: spair, pfpascal, pfwillow or synthetic")],
+    dataset: Annotated[str, typer.Argument(help="dataset key (datasets or video_datasets), e.g. spair or davis")],
     params: Annotated[Path, typer.Option(help="params file")] = DEFAULT_PARAMS,
 ) -> None:
     """Build the normalised pair and image tables of one dataset."""
     with clean_errors():
-        load_params(params).dataset(dataset)
+        load_params(params).any_dataset(dataset)
         console.print(f"wrote {main(dataset)}")

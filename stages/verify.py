@@ -2,12 +2,12 @@
 
 Prints every problem (each naming the file and what is wrong) and how to repair it, the
 ``semcorr extract`` call that re-extracts just the damaged images' shards, and exits 1;
-prints one ``OK`` line and exits 0 when the store is complete and intact.
+prints one ``OK`` line and exits 0 when the store is complete and intact. ``STORE`` may be a
+URL (``s3://...``: credentials from the AWS environment); it is read without listing the bucket.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,7 +17,8 @@ console = Console(soft_wrap=True, highlight=False)
 
 
 def command(
-    store: Annotated[Path, typer.Argument(help="feature store folder, e.g. data/features/<variant>/<dataset>.zarr")],
+    store: Annotated[str, typer.Argument(help="feature store folder, e.g. data/features/<variant>/<dataset>.zarr, "
+                                              "or URL, e.g. s3://bucket/features/<variant>/<dataset>.zarr")],
 ) -> None:
     """Check a feature store: every shard file, index and chunk checksum, done flags, completeness."""
     from semcorr.pipeline.store import verify_store

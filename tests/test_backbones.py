@@ -311,7 +311,7 @@ def test_daisy_descriptors_sit_at_cell_centres():
     """Each cell's descriptor is DAISY sampled at the pixel that pipeline.coords calls
     the cell centre (away from the border, where padding cannot matter)."""
     backbone = tiny("daisy", resize="squash")
-    conf, p, s = backbone.conf, backbone.patch_size, backbone.spec.input_size
+    conf, s = backbone.conf, backbone.spec.input_size
     grey = np.random.default_rng(0).integers(0, 256, size=(s, s), dtype=np.uint8)
     x, transform = backbone.preprocess(np.repeat(grey[..., None], 3, axis=2))
     feats = backbone(x[None])[0]

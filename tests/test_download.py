@@ -163,7 +163,12 @@ def test_registry_is_complete():
         assert resource.sha256 is not None and len(resource.sha256) == 64
     for key in ["clip_vitb32", "clip_vitb16", "clip_vitl14"]:  # OpenAI's URL carries the hash
         assert dl.WEIGHTS[key].sha256 in dl.WEIGHTS[key].url
-    assert set(dl.DATASETS) == {"spair", "pfpascal", "pfwillow"}
+    assert {"spair", "pfpascal", "pfwillow", "hpatches"} <= set(dl.DATASETS)
+    for source in dl.DATASETS.values():
+        for resource in source.resources:
+            assert resource.url.startswith("http") and resource.url.endswith(resource.filename) == (
+                "?" not in resource.url)
+            assert resource.sha256 is None or len(resource.sha256) == 64
 
 
 # -- archives ---------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Extraction (`pipeline.extract.extract_features`) end to end on the real PF-WILLOW images:
 every backbone family, kill -9 and resume, parallel parts filling one store, repair of a
 store with a missing shard, the write lock between configurations, and an old store kept
-whole until its replacement is complete. Concurrency and kills use real processes."""
+whole until its replacement is complete. Concurrency and kills use real processes. The
+PF-WILLOW subset (``willow_root``, ``images``) and the uninterrupted slow run (``reference``)
+are session fixtures in conftest.py, shared with the torchrun and S3 tests."""
 
 from __future__ import annotations
 
@@ -20,10 +22,8 @@ import pandas as pd
 import pytest
 
 from semcorr.pipeline.backbones import build_backbone
-from semcorr.pipeline.datasets import prepare
 from semcorr.pipeline.extract import ExtractError, ExtractResult, default_conf, extract_features, store_attrs
 from semcorr.pipeline.store import StoreError, open_store, store_path
-from semcorr.pipeline.tables import read_images
 from tiny import TINY_SPECS, write_official_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,22 +37,6 @@ SLOW_BACKBONE = {"family": "dinov2", "variant": "vits14", "random_init": True, "
 SLOW_EXTRACT = {"batch_size": 2, "num_workers": 1, "device": "cpu", "flips": True, "shard_images": 4}
 N_IMAGES = 20
 N_SHARDS = -(-N_IMAGES // SLOW_EXTRACT["shard_images"])
-
-
-@pytest.fixture(scope="module")
-def willow_root(tmp_path_factory) -> Path:
-    """A data root holding PF-WILLOW prepared, cut to a subset that spans the sub-classes
-    (and their image sizes)."""
-    root = tmp_path_factory.mktemp("data")
-    prepared = prepare("pfwillow", WILLOW, root / "prepared" / "pfwillow")
-    images = read_images(prepared)
-    images.iloc[:: len(images) // N_IMAGES].head(N_IMAGES).to_parquet(prepared / "images.parquet", index=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def images(willow_root) -> pd.DataFrame:
-    return read_images(willow_root / "prepared" / "pfwillow")
 
 
 def extract(root: Path, key: str, spec: dict, conf: dict, images: pd.DataFrame, sha256: str | None = None,
@@ -217,19 +201,10 @@ def wait_for_shards(process: subprocess.Popen, partial: Path, count: int) -> Non
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def reference(images, tmp_path_factory) -> Path:
-    """The store of one uninterrupted run (in this process: same code, one start-up less)."""
-    net = build_backbone(SLOW_BACKBONE)
-    attrs = store_attrs(net, "slow", "slow", "pfwillow", None, SLOW_EXTRACT["flips"])
-    return extract_features(net, images, slow_out(tmp_path_factory.mktemp("reference")), attrs, SLOW_EXTRACT,
-                            progress=False).path
-
-
 def assert_same_store(path: Path, reference: Path) -> None:
     store, ref = open_store(path), open_store(reference)
     assert store.image_ids == ref.image_ids
-    for name in ("feats", "feats_flip", "transforms", "done"):
+    for name in (*ref.array_names, "transforms", "done"):
         a, b = store._group[name][:], ref._group[name][:]
         assert a.tobytes() == b.tobytes(), name  # bitwise
 

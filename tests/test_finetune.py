@@ -304,3 +304,14 @@ def test_stage_refuses_unknown_settings_and_missing_weights(prepared, tmp_path):
         finetune_stage.main("tiny", 1, model, {**ft, "learning_rate": 1.0}, data_root=tmp_path)
     with pytest.raises(FileNotFoundError, match="weights.json"):
         finetune_stage.main("tiny", 1, model, ft, data_root=tmp_path / "nowhere")
+
+
+def test_mode_and_lora_settings_are_checked(prepared, tmp_path):
+    train, val, images = tables(prepared)
+    with pytest.raises(FinetuneError, match="finetune mode 'adapters': expected one of blocks, lora"):
+        finetune(tiny("dinov2"), train, val, images, tmp_path, {**FAST, "mode": "adapters"})
+    with pytest.raises(FinetuneError, match=r"unknown lora settings \['dropout'\]"):
+        finetune(tiny("dinov2"), train, val, images, tmp_path, {**FAST, "mode": "lora", "lora": {"dropout": 0.1}})
+    with pytest.raises(FinetuneError, match="depth must be in 1..2"):
+        finetune(tiny("dinov2"), train, val, images, tmp_path, {**FAST, "mode": "lora", "depth": 3})
+    assert not (tmp_path / "state").exists()

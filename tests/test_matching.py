@@ -230,28 +230,39 @@ def test_invisible_and_missing_keypoints_and_bad_input(tmp_path):
 
 
 def test_export_h5_in_hloc_layout(tmp_path):
+    """One keypoint set per image (annotations, then transferred points, merged within 0.5 px);
+    matches0 indexes into those sets; repeated pairs get their pair id."""
     pairs = pd.DataFrame([
-        pair_row("p0", "cat/a.jpg", "cat/b.jpg", np.array([[1.0, 2.0], [3.0, 4.0]]), np.zeros((2, 2))),
-        pair_row("p1", "cat/b.jpg", "cat/a.jpg", np.array([[5.0, 6.0]]), np.zeros((1, 2))),
-        pair_row("p2", "cat/b.jpg", "cat/a.jpg", np.array([[1.0, 1.0]]), np.zeros((1, 2))),
+        pair_row("p0", "cat/a.jpg", "cat/b.jpg", np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[7.2, 8.0], [0.0, 0.0]])),
+        pair_row("p1", "cat/b.jpg", "cat/a.jpg", np.array([[5.0, 6.0]]), np.array([[1.0, 2.0]])),
+        pair_row("p2", "cat/b.jpg", "cat/a.jpg", np.array([[1.0, 1.0]]), np.array([[3.0, 4.0]])),
     ])
+    images = pd.DataFrame({"image_id": ["cat/a.jpg", "cat/b.jpg"], "path": ["a", "b"], "width": [20, 30],
+                           "height": [25, 35], "category": ["cat", "cat"]})
     pred = pd.DataFrame({
-        "pair_id": ["p0", "p0", "p1", "p2"], "kp_index": [0, 1, 0, 0], "x": [7.0, np.nan, 9.0, 1.0],
-        "y": [8.0, np.nan, 10.0, 1.0], "score": [0.9, np.nan, 0.5, 0.2], "reliable": [True, False, True, False],
+        "pair_id": ["p0", "p0", "p1", "p2"], "kp_index": [0, 1, 0, 0], "x": [7.0, np.nan, 1.3, 1.0],
+        "y": [8.0, np.nan, 2.0, 1.0], "score": [0.9, np.nan, 0.5, 0.2], "reliable": [True, False, True, False],
         "visible": [True] * 4,
     })
-    path = write_matches_h5(tmp_path / "m.h5", pairs, pred)
+    path = write_matches_h5(tmp_path / "m.h5", pairs, pred, images, tmp_path / "f.h5")
     assert names_to_pair("cat/a.jpg", "cat/b.jpg") == "cat-a.jpg/cat-b.jpg"
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        # a: annotated (1,2) (3,4) (as p0 source and p1/p2 targets); nothing new lands in a
+        np.testing.assert_allclose(f["cat/a.jpg"]["keypoints"][()], [[1, 2], [3, 4]])
+        np.testing.assert_allclose(f["cat/a.jpg"]["scores"][()], [1, 1])
+        assert f["cat/a.jpg"]["image_size"][()].tolist() == [20, 25]
+        # b: annotated (7.2, 8) (0, 0) (5, 6) (1, 1); the prediction (7, 8) lands within 0.5 px of (7.2, 8)
+        np.testing.assert_allclose(f["cat/b.jpg"]["keypoints"][()], [[7.2, 8], [0, 0], [5, 6], [1, 1]], atol=1e-6)
+        assert "descriptors" not in f["cat/a.jpg"]
     with h5py.File(path, "r") as f:
         g = f["cat-a.jpg/cat-b.jpg"]
         assert g["matches0"].dtype == np.int32
-        assert g["matches0"][()].tolist() == [0, -1]
-        np.testing.assert_allclose(g["scores0"][()], [0.9, 0.0])
-        np.testing.assert_allclose(g["keypoints0"][()], [[1, 2], [3, 4]])
-        np.testing.assert_allclose(g["keypoints1"][0], [7, 8])
-        assert g.attrs["pair_id"] == "p0"
-        assert f["cat-b.jpg/cat-a.jpg"]["matches0"][()].tolist() == [0]
-        assert f["cat-b.jpg/cat-a.jpg#p2"]["matches0"][()].tolist() == [-1]  # repeated pair; unreliable
+        assert g["matches0"][()].tolist() == [0, -1]  # (1,2) -> b's point 0; (3,4): no prediction
+        np.testing.assert_allclose(g["matching_scores0"][()], [0.9, 0.0])
+        # b -> a: b's keypoints (7.2,8), (0,0), (5,6), (1,1); (5,6) predicted at (1.3,2), within 0.5 px of a's (1,2)
+        assert f["cat-b.jpg/cat-a.jpg"]["matches0"][()].tolist() == [-1, -1, 0, -1]
+        assert f["cat-b.jpg/cat-a.jpg#p2"]["matches0"][()].tolist() == [-1, -1, -1, -1]  # repeated pair; unreliable
+        assert "scores0" not in g
 
 
 def test_eval_throughput_benchmark_smoke(tmp_path):
@@ -272,7 +283,7 @@ def test_eval_throughput_benchmark_smoke(tmp_path):
                                   {"method": "softargmax", "upsample": 2, "zero_outside": True, "temperature": 0.02}])
 def test_store_passes_equal_per_pair_reference(tmp_path, conf):
     """Bulk passes (gathered source descriptors, shared target products) = per-pair tensor matching."""
-    from semcorr.pipeline.coords import sample_cells
+    from semcorr.pipeline.coords import clamp_to_image, sample_cells
 
     rng = np.random.default_rng(5)
     sizes = [(45, 70), (62, 41), (56, 56), (30, 50), (50, 30)]
@@ -293,7 +304,8 @@ def test_store_passes_equal_per_pair_reference(tmp_path, conf):
         g = store.transform(row.source_id).pixels_to_cells(xy).float()
         desc = sample_cells(store.features(row.source_id)[None], g[None])
         cells, scores = match_keypoints(desc, store.features(row.target_id), **conf)
-        expected = store.transform(row.target_id).cells_to_pixels(cells[0].double()).numpy()
+        t_trg = store.transform(row.target_id)
+        expected = clamp_to_image(t_trg.cells_to_pixels(cells[0].double()).numpy(), (t_trg.image_w, t_trg.image_h))
         got = pred[pred.pair_id == row.pair_id]
         np.testing.assert_allclose(got[["x", "y"]].to_numpy(), expected, atol=1e-3)
         np.testing.assert_allclose(got["score"].to_numpy(), scores[0].numpy(), atol=1e-5)

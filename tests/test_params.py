@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from semcorr.stages.params import DATASETS, FAMILIES, METHODS, ParamsError, load_params, validate
+from semcorr.stages.params import (DATASETS, FAMILIES, METHODS, PROTOCOLS, VIDEO_DATASETS, ParamsError, load_params,
+                                   validate)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
@@ -25,12 +26,16 @@ def test_the_shipped_params_are_valid():
 
 def test_registries_match_the_library():
     from semcorr.pipeline.backbones import FAMILIES as LIBRARY_FAMILIES
-    from semcorr.pipeline.datasets import NAMES
+    from semcorr.pipeline.datasets import GENERATED, NAMES, VIDEO_NAMES
+    from semcorr.pipeline.download import VIDEO_DATASETS as VIDEO_SOURCES
     from semcorr.pipeline.matching import METHODS as LIBRARY_METHODS
+    from semcorr.pipeline.protocols import PRESETS
 
     assert set(DATASETS) == set(NAMES)
+    assert set(VIDEO_DATASETS) == set(VIDEO_NAMES) == set(VIDEO_SOURCES) | set(GENERATED) - set(NAMES)
     assert set(FAMILIES) == set(LIBRARY_FAMILIES)
-    assert tuple(METHODS) == tuple(LIBRARY_METHODS)
+    assert METHODS == (*LIBRARY_METHODS, "valtuned")  # valtuned: the matcher's methods with settings chosen on val
+    assert set(PROTOCOLS) == set(PRESETS)
 
 
 def _set(path: str, value):
@@ -73,8 +78,20 @@ BAD = [
     (_set("finetune.train_dataset", "spair"), ["finetune.train_dataset = 'spair' is not in `datasets`"]),
     (_set("finetune_backbones", ["daisy"]), ["finetune_backbones[0] = 'daisy' is weight-free"]),
     (_set("backbones", ["daisy", "tinyvti"]), ["backbones[1] = 'tinyvti' has no `backbone.tinyvti` section (did you mean 'tinyvit'?)"]),
-    (_set("methods", ["argmax", "soft"]), ["`methods[1]`: Input should be 'argmax' or 'softargmax'"]),
+    (_set("methods", ["argmax", "soft"]), ["`methods[1]`: Input should be 'argmax', 'softargmax' or 'valtuned'"]),
+    (_set("evaluate.protocols", ["spair", "pf-pascal"]), ["`evaluate.protocols[1]`: Input should be 'native', 'spair'"]),
+    (_set("evaluate.alphas", [0.05, 0.2]), ["`evaluate.alphas`: must include 0.1"]),
+    (_set("evaluate.bootstrap", {"resamples": 10, "seed": 0, "confidence": 0.95}), ["`evaluate.bootstrap.resamples`: Input should be greater than or equal to 100"]),
+    (_set("match.valtuned.window", []), ["`match.valtuned.window`: List should have at least 1 item"]),
+    (_set("launch", {"launcher": "sge", "jobs": 0}), ["`launch.launcher`: Input should be 'none' or 'slurm' (got 'sge')",
+                                                    "`launch.jobs`: Input should be greater than 0 (got 0)"]),
     (_set("extract.device", "gpu"), ["`extract.device`: String should match pattern"]),
+    (_set("datasets", ["synthetic", "davis"]), ["datasets[1] = 'davis' is a video dataset (no pairs): list it in `video_datasets`"]),
+    (_set("video_datasets", ["synthvidoe"]), ["video_datasets[0] = 'synthvidoe': unknown video dataset (did you mean 'synthvideo'?)"]),
+    (_set("video_datasets", ["synthvideo", "davis"]), ["video_datasets[1] = 'davis' has no `download.davis` section"]),
+    (_set("propagate.topk", 0), ["`propagate.topk`: Input should be greater than 0 (got 0)"]),
+    (_set("propagate.radius", DELETE), ["`propagate.radius`: missing (required)"]),
+    (_set("download.synthvideo.sequences", 5), ["`download.synthvideo.sequences`: Input should be less than or equal to 4"]),
 ]
 
 
@@ -116,6 +133,11 @@ def test_lookups_name_the_known_values():
     with pytest.raises(ParamsError, match="unknown variant 'tinyvit_ft3'.*variants of this study: daisy, tinyvit, tinyvit_ft2"):
         p.variant("tinyvit_ft3")
     assert p.variant("tinyvit_ft2") == ("tinyvit", 2) and p.variant("daisy") == ("daisy", None)
+    with pytest.raises(ParamsError, match="unknown video dataset 'davis'.*lists synthvideo .it is known but not in"):
+        p.video_dataset("davis")
+    assert p.any_dataset("synthvideo") == "synthvideo" and p.any_dataset("synthetic") == "synthetic"
+    with pytest.raises(ParamsError, match="unknown dataset 'synthvideo'"):
+        p.dataset("synthvideo")  # the pair stages never take a video set
 
 
 def test_a_stage_refuses_bad_params_before_any_work(tmp_path):

@@ -122,17 +122,20 @@ def test_match_evaluate_report_files_and_numbers(project, tmp_path):
     for variant, _, method in WANTED:
         out = data / "predictions" / variant / "toy" / method
         assert sorted(p.name for p in out.iterdir()) == sorted(
-            ["matches.h5", "predictions.parquet", "setting.json"] + (["windows.npz"] if method == "argmax" else []))
+            ["features.h5", "matches.h5", "predictions.parquet", "setting.json"]
+            + (["windows.npz"] if method == "argmax" else []))
         pred = pd.read_parquet(out / "predictions.parquet")
         assert len(pred) == 11 * 5 and "p24" not in set(pred["pair_id"])  # 11 test pairs x 5 keypoints
     folder = data / "eval" / "toy_bb" / "toy" / "softargmax"
     m = json.loads((folder / "metrics.json").read_text())
     s = json.loads((folder / "setting.json").read_text())
     expected = direct_pck(data, "toy_bb", "softargmax", {"window": 2, "temperature": 0.05}, alphas)
-    assert {k: v for k, v in m.items() if k.startswith("pck_img")} == pytest.approx(
+    assert {k: v for k, v in m.items() if k.startswith("pck_img") and "_" not in k[4:]} == pytest.approx(
         {f"pck_img@{a:g}": v for a, v in expected.image.items()})
-    assert {k: v for k, v in m.items() if k.startswith("pck_pt")} == pytest.approx(
+    assert {k: v for k, v in m.items() if k.startswith("pck_pt") and "_" not in k[4:]} == pytest.approx(
         {f"pck_pt@{a:g}": v for a, v in expected.point.items()})
+    for a in alphas:  # every PCK has its 95% bootstrap interval
+        assert m[f"pck_img@{a:g}_lo"] <= m[f"pck_img@{a:g}"] <= m[f"pck_img@{a:g}_hi"]
     assert (m["n_pairs"], m["n_points"], m["n_pairs_no_visible"]) == (expected.n_pairs, expected.n_points, 1)
     assert all(isinstance(v, (int, float)) for v in m.values()), "metrics.json holds numbers only"
     assert (s["phase"], s["norm_kind"], s["random_init"], s["match"]["softargmax"]["window"]) == (3, "image", True, 2)
@@ -140,7 +143,8 @@ def test_match_evaluate_report_files_and_numbers(project, tmp_path):
     assert m["mutual_reliable"] == pytest.approx(pred.loc[pred["visible"], "reliable"].mean())
 
     out = data / "eval" / "toy_bb" / "toy" / "argmax"
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_category.csv", "reports", "setting.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["geo_aware.csv", "metrics.json", "per_category.csv",
+                                                     "per_pair.parquet", "protocols.csv", "reports", "setting.json"]
     assert sorted(p.name for p in (out / "reports").iterdir()) == [
         "phase1_argmax_image_report.txt", "phase1_argmax_kpt_report.txt"]
     text = (out / "reports" / "phase1_argmax_image_report.txt").read_text()
@@ -153,16 +157,19 @@ def test_match_evaluate_report_files_and_numbers(project, tmp_path):
     assert set(per_cat["category"]) == {"a", "b", "all"} and len(per_cat) == 9
     tuned = data / "eval" / "toy_bb_ft2" / "toy"
     assert (tuned / "argmax" / "reports" / "phase4_argmax_image_report.txt").is_file()
-    assert "trained on: other" in (tuned / "softargmax" / "reports" / "phase4_softargmax_kpt_report.txt").read_text()
-    with h5py.File(data / "predictions" / "toy_bb" / "toy" / "argmax" / "matches.h5", "r") as f:
-        assert f["im1/im3"]["matches0"].shape == (5,)
+    assert "weights: random-init base, fine-tuned on other" in (tuned / "softargmax" / "reports" / "phase4_softargmax_kpt_report.txt").read_text()
+    folder = data / "predictions" / "toy_bb" / "toy" / "argmax"
+    with h5py.File(folder / "matches.h5", "r") as f, h5py.File(folder / "features.h5", "r") as g:
+        assert f["im1/im3"]["matches0"].shape == (len(g["im1"]["keypoints"]),)  # hloc: one keypoint set per image
 
     results = report.main(WANTED, data, tmp_path / "results", pictures_per_category=1, max_pair_pictures=1)
     summary = pd.read_csv(results / "summary.csv")
     assert len(summary) == 4 and set(summary["phase"]) == {1, 3, 4}
     row = summary[(summary.variant == "toy_bb") & (summary.method == "softargmax")].iloc[0]
     assert row["pck_pt@0.1"] == pytest.approx(expected.point[0.1])
-    assert "| toy_bb | 3 | toy | softargmax |" in (results / "summary.md").read_text()
+    markdown = (results / "summary.md").read_text()
+    assert "| 3 refined matching (soft-argmax, val-tuned) | toy_bb | random-init (not a trained model) | — | softargmax |" in markdown
+    assert "| 4 cross-dataset (fine-tuned on another dataset) | toy_bb_ft2 | random-init base, fine-tuned on other | other |" in markdown
     assert (results / "reports" / "toy_bb_ft2" / "toy" / "phase4_softargmax_kpt_report.txt").is_file()
     metrics = json.loads((results / "metrics.json").read_text())
     assert metrics["toy_bb"]["toy"]["softargmax"]["pck_img@0.1"] == pytest.approx(expected.image[0.1])

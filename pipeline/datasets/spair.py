@@ -8,6 +8,15 @@ loader uses them), ``src_bndbox`` / ``trg_bndbox`` (``[x1, y1, x2, y2]``), ``kps
 ``viewpoint_variation``, ``scale_variation``, ``truncation``, ``occlusion`` and ``mirror``
 (stored as ``flip``). Images: ``JPEGImages/<category>/<imname>``. PCK normaliser: max side of
 the target bounding box (``norm_kind='bbox'``), the dataset's standard convention.
+
+Geometry-aware columns (`pipeline.symmetry`): ``kps_ids`` (the keypoints' ids, in ``src_kps``
+order) become ``kp_ids`` and, with the category's left/right table, ``flip_index``; a pair
+whose ``kps_ids`` is missing or not one id per keypoint gets neither (nor flags). The flags
+(``geo_aware``) also need to know which counterparts the target shows, which only the target's
+``ImageAnnotation/<category>/<stem>.json`` (``kps``: id -> ``[x, y]`` or null) says; without an
+``ImageAnnotation`` folder they stay null. Masks: with a ``Segmentation`` folder, every image
+needs ``Segmentation/<category>/<stem>.png`` (object = nonzero pixels, the image's size); the
+images table gets ``mask_path`` and the packed 0/1 ``mask`` (`pipeline.tables.encode_mask`).
 """
 
 from __future__ import annotations
@@ -17,10 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from semcorr.pipeline.datasets import DatasetError
 from semcorr.pipeline.datasets.common import (SPLITS, bbox_norm, check_pair_images, images_table, pair_row,
                                               pairs_table, track)
+from semcorr.pipeline.symmetry import flip_index, geo_aware_flags, keypoint_set
+from semcorr.pipeline.tables import encode_mask
 
 FIELDS = ("src_imname", "trg_imname", "category", "src_kps", "trg_kps", "trg_bndbox",
           "viewpoint_variation", "scale_variation", "truncation", "occlusion")
@@ -78,8 +90,47 @@ def read_annotation(path: Path) -> dict:
     return {"source": f"JPEGImages/{category}/{data['src_imname']}",
             "target": f"JPEGImages/{category}/{data['trg_imname']}",
             "category": category, "source_xy": src, "target_xy": trg,
+            "kp_ids": _kp_ids(data.get("kps_ids"), len(src), path),
             "pck_norm": _box_norm(data["trg_bndbox"], path),
+            "target_bbox": _box(data["trg_bndbox"], path, "trg_bndbox"),
+            "source_bbox": _box(data["src_bndbox"], path, "src_bndbox") if "src_bndbox" in data else None,
             "spair": {**{flag: _flag(data, flag, path) for flag in FLAGS}, "flip": bool(data.get("mirror", 0))}}
+
+
+def _kp_ids(value, n: int, path: Path) -> list[int] | None:
+    """``kps_ids`` as ints; None when absent or not one id per keypoint."""
+    if not isinstance(value, list) or len(value) != n:
+        return None
+    try:
+        ids = [int(v) for v in value]
+    except (TypeError, ValueError):
+        raise DatasetError(f"{path}: field kps_ids is {value!r}, not a list of keypoint ids") from None
+    return ids
+
+
+def read_image_keypoints(path: Path) -> list[int]:
+    """Ids of the keypoints annotated in one ``ImageAnnotation`` file (``kps``: id -> point or null)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: image annotation not found (needed for the geometry-aware flags)")
+    try:
+        kps = json.loads(path.read_text())["kps"]
+        return sorted(int(k) for k, point in kps.items() if point is not None)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise DatasetError(f"{path}: not an image annotation with a 'kps' object of id -> point ({exc})") from None
+
+
+def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """``[H, W]`` bool object mask (nonzero pixels) of an image of ``size`` (width, height)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: segmentation mask not found")
+    try:
+        with Image.open(path) as image:
+            mask = np.asarray(image.convert("L")) > 0
+    except Exception as exc:  # PIL raises many types for broken files
+        raise DatasetError(f"{path}: corrupt or unreadable mask ({type(exc).__name__}: {exc})") from exc
+    if mask.shape != (size[1], size[0]):
+        raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[0]}x{size[1]}")
+    return mask
 
 
 def _plain_name(name) -> bool:
@@ -93,16 +144,21 @@ def _flag(data: dict, field: str, path: Path) -> int:
     return value
 
 
-def _box_norm(box, path: Path) -> float:
-    """PCK normaliser of the target box; `DatasetError` unless it is ``[x1, y1, x2, y2]`` with extent."""
+def _box(box, path: Path, field: str) -> list[float]:
+    """``[x1, y1, x2, y2]``; `DatasetError` unless the box is four numbers with extent."""
     try:
         values = np.asarray(box, dtype=np.float64)
     except (TypeError, ValueError):
         values = np.empty(0)
     norm = bbox_norm(values) if values.shape == (4,) and np.isfinite(values).all() else 0.0
     if not norm > 0:
-        raise DatasetError(f"{path}: field trg_bndbox is {box!r}, not an [x1, y1, x2, y2] box with extent")
-    return norm
+        raise DatasetError(f"{path}: field {field} is {box!r}, not an [x1, y1, x2, y2] box with extent")
+    return values.tolist()
+
+
+def _box_norm(box, path: Path) -> float:
+    """PCK normaliser: max side of the target box."""
+    return bbox_norm(np.asarray(_box(box, path, "trg_bndbox")))
 
 
 def parse(raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -121,9 +177,53 @@ def parse(raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 raise DatasetError(f"{path}: points at {ann[role]}, which is not there ({image})")
             images[ann[role]] = (image, ann["category"])
     image_table = images_table(images)
+    if (raw_dir / "Segmentation").is_dir():
+        _add_masks(raw_dir, image_table)
     rows = [pair_row(f"{split}/{name}", split, ann["category"], ann["source"], ann["target"],
                      ann["source_xy"], ann["target_xy"], np.ones(len(ann["source_xy"]), dtype=bool),
                      ann["pck_norm"], "bbox", **ann["spair"])
             for split, name, _, ann in annotated]
     check_pair_images(rows, image_table, [str(path) for _, _, path, _ in annotated])
-    return pairs_table(rows), image_table
+    pairs = pairs_table(rows)
+    for column in ("source_bbox", "target_bbox"):  # the protocols' bbox normaliser in any frame
+        pairs[column] = [ann[column] for _, _, _, ann in annotated]
+    _add_symmetry(raw_dir, pairs, [(path, ann) for _, _, path, ann in annotated])
+    return pairs, image_table
+
+
+def _add_symmetry(raw_dir: Path, pairs: pd.DataFrame, annotated: list[tuple[Path, dict]]) -> None:
+    """Columns kp_ids, flip_index and geo_aware (null where not defined), in place."""
+    with_targets = (raw_dir / "ImageAnnotation").is_dir()
+    target_ids: dict[str, list[int]] = {}
+    kp_ids, flips, flags = [], [], []
+    for (path, ann), visible in zip(annotated, pairs["visible"]):
+        kset, ids = keypoint_set("spair", ann["category"]), ann["kp_ids"]
+        if kset is None or ids is None:
+            kp_ids.append(ids), flips.append(None), flags.append(None)
+            continue
+        try:
+            flips.append(flip_index(kset, ids))
+            if with_targets:
+                target = ann["target"]
+                if target not in target_ids:
+                    stem = Path(target).with_suffix(".json").name
+                    target_ids[target] = read_image_keypoints(raw_dir / "ImageAnnotation" / ann["category"] / stem)
+                flags.append(geo_aware_flags(kset, ids, visible, target_ids[target]))
+            else:
+                flags.append(None)
+        except ValueError as exc:
+            if isinstance(exc, DatasetError):
+                raise
+            raise DatasetError(f"{path}: kps_ids: {exc}") from None
+        kp_ids.append(ids)
+    pairs["kp_ids"], pairs["flip_index"], pairs["geo_aware"] = kp_ids, flips, flags
+
+
+def _add_masks(raw_dir: Path, images: pd.DataFrame) -> None:
+    """Columns mask_path and mask from ``Segmentation/<category>/<stem>.png``, in place."""
+    paths, masks = [], []
+    for row in track(list(images.itertuples(index=False)), "reading SPair-71k masks"):
+        relative = Path("Segmentation", *Path(row.image_id).parts[1:]).with_suffix(".png")
+        masks.append(encode_mask(read_mask(raw_dir / relative, (int(row.width), int(row.height))).astype(np.uint8)))
+        paths.append(str(raw_dir / relative))
+    images["mask_path"], images["mask"] = paths, masks

@@ -64,24 +64,47 @@ def generate(out_dir: Path, conf: dict | None = None) -> Path:
     if n_img < 6:
         raise ValueError(f"synthetic: images_per_category must be >= 6 (two per split), got {n_img}")
     annotations = {"conf": conf, "norm_kind": "image", "images": {}}
+    splits = _split_groups(n_img)
+    bases: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # category -> (photo, salient points)
     with atomic_path(Path(out_dir)) as tmp:
-        for index, category in enumerate(list(BASE_PHOTOS)[:n_cat]):
-            rng = np.random.default_rng([int(conf["seed"]), index])
-            base = _base_photo(category, size)
-            base_xy = _salient_points(base, n_kps, category)
-            splits = _split_groups(n_img)
-            for k in range(n_img):
-                tform = _random_homography(rng, size)
-                image = warp(base, tform.inverse, output_shape=(size, size), order=1, mode="constant", cval=0.0)
-                xy = tform(base_xy)
-                visible = ((xy >= 0) & (xy <= size - 1)).all(axis=1)
-                image_id = f"images/{category}/{k:03d}.png"
-                (tmp / image_id).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(np.round(image * 255).astype(np.uint8)).save(tmp / image_id)
-                annotations["images"][image_id] = {"category": category, "split": splits[k],
-                                                   "keypoints": xy.round(6).tolist(), "visible": visible.tolist()}
+        for image_id, category, k, tform in _warps(conf):
+            if category not in bases:
+                base = _base_photo(category, size)
+                bases[category] = base, _salient_points(base, n_kps, category)
+            base, base_xy = bases[category]
+            image = warp(base, tform.inverse, output_shape=(size, size), order=1, mode="constant", cval=0.0)
+            xy = tform(base_xy)
+            visible = ((xy >= 0) & (xy <= size - 1)).all(axis=1)
+            (tmp / image_id).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.round(image * 255).astype(np.uint8)).save(tmp / image_id)
+            annotations["images"][image_id] = {"category": category, "split": splits[k],
+                                               "keypoints": xy.round(6).tolist(), "visible": visible.tolist()}
         (tmp / ANNOTATIONS).write_text(json.dumps(annotations, indent=1, sort_keys=True) + "\n")
     return Path(out_dir)
+
+
+def _warps(conf: dict):
+    """``(image_id, category, k, homography)`` of every image, in generation order: the one
+    draw of the seeded homographies that `generate` and `homographies` share."""
+    n_cat, n_img, size = (int(conf[k]) for k in ("categories", "images_per_category", "image_size"))
+    for index, category in enumerate(list(BASE_PHOTOS)[:n_cat]):
+        rng = np.random.default_rng([int(conf["seed"]), index])
+        for k in range(n_img):
+            yield f"images/{category}/{k:03d}.png", category, k, _random_homography(rng, size)
+
+
+def homographies(raw_dir: Path) -> dict[str, np.ndarray]:
+    """image id -> ``[3, 3]`` homography from the base photo's pixels to the image's (pixel
+    centres), redrawn from the seed ``annotations.json`` records. The homography from image
+    a to image b is ``H[b] @ inv(H[a])``."""
+    path = Path(raw_dir) / ANNOTATIONS
+    if not path.is_file():
+        raise DatasetError(f"{path}: annotations not found; run `semcorr download synthetic` first")
+    try:
+        conf = {**default_conf, **json.loads(path.read_text())["conf"]}
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{path}: no readable 'conf' record ({exc})") from None
+    return {image_id: np.asarray(tform.params, dtype=np.float64) for image_id, _, _, tform in _warps(conf)}
 
 
 def _base_photo(category: str, size: int) -> np.ndarray:
