@@ -210,24 +210,49 @@ def metrics_dict(summary: pd.DataFrame) -> dict:
 
 SUMMARY_COLUMNS = ["variant", "dataset", "descriptor", "kind", "mma@1", "mma@3", "mma@5", "mma@10",
                    "h_acc@1", "h_acc@3", "h_acc@5", "n_pairs", "matches", "random_init"]
+INTERVAL_COLUMNS = ("mma@3", "h_acc@3")  # the headline numbers, given their bootstrap interval
 
 
-def sparse_table(results: list[tuple[dict, dict]]) -> pd.DataFrame:
+def intervals(part: pd.DataFrame, bootstrap: dict) -> dict[str, float]:
+    """Percentile intervals of `INTERVAL_COLUMNS` over pairs resampled within sequence kinds
+    (``bootstrap``: params ``evaluate.bootstrap``): ``{"mma@3_lo": ..., "mma@3_hi": ..., ...}``.
+    One seed gives every descriptor of the same pairs the same resamples."""
+    from semcorr.pipeline.bootstrap import interval, resample_counts
+
+    weights = resample_counts(part["kind"].to_numpy(), int(bootstrap["resamples"]), int(bootstrap["seed"]))
+    out = {}
+    for column in INTERVAL_COLUMNS:
+        values = (part[column] if column.startswith("mma@") else part["corner_error"] <= int(column.split("@")[1]))
+        samples = weights @ values.to_numpy(np.float64) / len(part)
+        low, high = interval(samples[:, None], float(bootstrap["confidence"]))
+        out[f"{column}_lo"], out[f"{column}_hi"] = float(low[0]), float(high[0])
+    return out
+
+
+def sparse_table(results: list[tuple[dict, dict]], per_pairs: list[pd.DataFrame] | None = None,
+                 bootstrap: dict | None = None) -> pd.DataFrame:
     """The summary's sparse-matching table from ``(metrics.json, setting.json)`` of each
     sparse evaluation: one row per variant, dataset, descriptor and sequence kind (``all``
-    and each kind; a dataset of one kind, such as the synthetic warps, gets that kind's row only)."""
+    and each kind; a dataset of one kind, such as the synthetic warps, gets that kind's row only).
+    With each evaluation's ``per_pair.csv`` table and ``bootstrap``, `INTERVAL_COLUMNS` get
+    ``_lo`` / ``_hi`` bounds (`intervals`)."""
     rows = []
-    for metrics, setting in results:
+    for n, (metrics, setting) in enumerate(results):
         for descriptor in DESCRIPTORS:
             kinds = metrics.get(descriptor, {})
             for kind, values in kinds.items():
                 if kind == "all" and len(kinds) == 2:
                     continue  # the one kind's row is the same
-                rows.append({"variant": setting["variant"], "dataset": setting["dataset"], "descriptor": descriptor,
-                             "kind": kind, **{k: values.get(k) for k in SUMMARY_COLUMNS[4:-1]},
-                             "random_init": bool(setting.get("random_init"))})
+                row = {"variant": setting["variant"], "dataset": setting["dataset"], "descriptor": descriptor,
+                       "kind": kind, **{k: values.get(k) for k in SUMMARY_COLUMNS[4:-1]},
+                       "random_init": bool(setting.get("random_init"))}
+                if per_pairs is not None and bootstrap:
+                    pairs = per_pairs[n][per_pairs[n]["descriptor"] == descriptor]
+                    row.update(intervals(pairs if kind == "all" else pairs[pairs["kind"] == kind], bootstrap))
+                rows.append(row)
+    bounds = [f"{c}_{end}" for c in INTERVAL_COLUMNS for end in ("lo", "hi")] if per_pairs is not None and bootstrap else []
     order = {d: n for n, d in enumerate(DESCRIPTORS)}
-    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + bounds)
     key = lambda c: c.map(order) if c.name == "descriptor" else c.map(lambda v: (v != "all", v))  # noqa: E731
     return table.sort_values(["dataset", "variant", "descriptor", "kind"], key=key, ignore_index=True)
 
@@ -243,14 +268,22 @@ def sparse_markdown(table: pd.DataFrame, setting: dict | None = None) -> str:
             "fraction of pairs whose OpenCV-RANSAC homography "
             f"(threshold {setting.get('ransac_threshold', '?')} px) moves the image corners within e px on average. "
             "`kind`: all pairs, or one kind of sequence (illumination, viewpoint). `random_init` True: the "
-            "backbone's weights are not a trained model.")
-    header = "| " + " | ".join(table.columns) + " |"
-    lines = [header, "|" + "---|" * len(table.columns)]
-    for row in table.itertuples(index=False):
+            "backbone's weights are not a trained model."
+            + (f" [low, high]: {100 * setting['confidence']:.0f}% bootstrap interval over pairs ({setting['resamples']} "
+               f"resamples within sequence kinds, seed {setting['seed']}; one seed: the same resamples for every "
+               "descriptor)." if "mma@3_lo" in table.columns and "confidence" in setting else ""))
+    columns = [c for c in table.columns if not c.endswith(("_lo", "_hi"))]
+    header = "| " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * len(columns)]
+    for row in table.to_dict("records"):
         cells = []
-        for value, column in zip(row, table.columns):
+        for column in columns:
+            value = row[column]
             if column.startswith(("mma@", "h_acc@")):
-                cells.append("n/a" if value is None or pd.isna(value) else f"{100 * value:.1f}")
+                cell = "n/a" if value is None or pd.isna(value) else f"{100 * value:.1f}"
+                if f"{column}_lo" in row and not pd.isna(row[f"{column}_lo"]):
+                    cell += f" [{100 * row[f'{column}_lo']:.1f}, {100 * row[f'{column}_hi']:.1f}]"
+                cells.append(cell)
             elif column == "matches":
                 cells.append(f"{value:.1f}")
             else:

@@ -74,7 +74,7 @@ def main(wanted: list[tuple[str, str, str]], data_root: Path = DATA, results: Pa
     compared = summary.comparisons(evaluations, bootstrap or {})
     protocols = summary.protocol_table(evaluations)
     difficulty = summary.difficulty_table(evaluations)
-    sparse_table, sparse_text = _sparse(data_root, sparse)
+    sparse_table, sparse_text = _sparse(data_root, sparse, bootstrap or {})
     video_table, video_text = _video(data_root, video)
     draw = max_pair_pictures > 0 or pictures_per_category > 0
     with staged(results, work_root(data_root)) as out:
@@ -301,21 +301,25 @@ def visualize(pair_id: str, variant: str, dataset: str, method: str, data_root: 
     return vis.save(_pair_picture(vis, runs, pair_id), Path(out_root) / variant / dataset / method / f"pair_{_safe(pair_id)}.png")
 
 
-def _sparse(data_root: Path, wanted: list[tuple[str, str]]):
-    """(the sparse-matching table, its markdown section; empty without sparse evaluations)."""
+def _sparse(data_root: Path, wanted: list[tuple[str, str]], bootstrap: dict):
+    """(the sparse-matching table, its markdown section; empty without sparse evaluations);
+    ``bootstrap``: params ``evaluate.bootstrap``, for the intervals over pairs."""
+    import pandas as pd
+
     from semcorr.pipeline.sparse import sparse_markdown, sparse_table
     from semcorr.stages.sparse import sparse_dir
 
-    results = []
+    results, per_pairs = [], []
     for variant, dataset in wanted:
         folder = sparse_dir(data_root, variant, dataset)
-        if not (folder / "metrics.json").is_file() or not (folder / "setting.json").is_file():
+        if not all((folder / name).is_file() for name in ("metrics.json", "setting.json", "per_pair.csv")):
             raise FileNotFoundError(f"{folder}: no sparse evaluation; run `semcorr sparse --dataset {dataset} "
                                     f"--variant {variant}` first")
         results.append((json.loads((folder / "metrics.json").read_text()),
                         json.loads((folder / "setting.json").read_text())))
-    table = sparse_table(results)
-    return table, ("\n" + sparse_markdown(table, results[0][1]) if results else "")
+        per_pairs.append(pd.read_csv(folder / "per_pair.csv"))
+    table = sparse_table(results, per_pairs, bootstrap)
+    return table, ("\n" + sparse_markdown(table, {**results[0][1], **bootstrap}) if results else "")
 
 
 def _video(data_root: Path, wanted: list[tuple[str, str]]):

@@ -91,6 +91,19 @@ def test_summary_and_table_state_their_setting():
         ["all", "illumination", "viewpoint"]
     text = sparse_markdown(table, {"max_keypoints": 64, "weight": 1.0, "ransac_threshold": 3.0})
     assert "| tiny | hpatches | fused | all | 75.0 |" in text and "at most 64 per image" in text
+    # intervals over pairs: the same resamples for every descriptor, exact where the pairs agree
+    boot = {"resamples": 200, "seed": 0, "confidence": 0.95}
+    table = sparse_table([(metrics_dict(summary), {"variant": "tiny", "dataset": "hpatches"})], [per_pair], boot)
+    fused = table[table.descriptor == "fused"].set_index("kind")
+    assert (fused.loc["viewpoint", "mma@3_lo"], fused.loc["viewpoint", "mma@3_hi"]) == (0.5, 0.5)
+    assert (fused.loc["all", "h_acc@3_lo"], fused.loc["all", "h_acc@3_hi"]) == (0.5, 0.5)  # one pair of each kind
+    text = sparse_markdown(table, {**boot, "max_keypoints": 64})
+    assert "| 75.0 [75.0, 75.0] |" in text and "95% bootstrap interval over pairs (200 resamples" in text
+    other = per_pair.assign(**{"mma@3": [1.0, 0.0, 1.0, 0.0]})  # two pairs per kind: a real spread
+    other = pd.concat([other, other.assign(pair_id=other.pair_id + "b", **{"mma@3": [0.0, 1.0, 0.0, 1.0]})])
+    wide = sparse_table([(metrics_dict(summarize(other)), {"variant": "tiny", "dataset": "hpatches"})], [other], boot)
+    row = wide[(wide.descriptor == "local") & (wide.kind == "all")].iloc[0]
+    assert row["mma@3_lo"] < row["mma@3"] == 0.5 < row["mma@3_hi"]
     one_kind = summarize(per_pair[per_pair.kind == "viewpoint"])
     rows = sparse_table([(metrics_dict(one_kind), {"variant": "tiny", "dataset": "synthetic"})])
     assert rows.kind.tolist() == ["viewpoint", "viewpoint"] and rows["mma@1"].tolist() == [0.5, 0.5]
