@@ -46,7 +46,7 @@ import pandas as pd
 
 from semcorr.pipeline.datasets import DatasetError
 from semcorr.pipeline.datasets.common import (SPLITS, check_pair_images, images_table, pair_row, pairs_table,
-                                              relative_image)
+                                              read_json, relative_image)
 from semcorr.pipeline.symmetry import AP10K, flip_index, geo_aware_flags
 
 ANNOTATIONS = ("ap10k-train-split1.json", "ap10k-test-split1.json", "ap10k-val-split1.json")  # GeoAware-SC's order
@@ -63,12 +63,7 @@ SEED = 42
 
 def read_coco(path: Path) -> dict:
     """One COCO keypoints file -> its ``images``, ``annotations``, ``categories`` lists."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: annotation file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+    data = read_json(path, "annotation file not found")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:
         raise DatasetError(f"{path}: not a COCO keypoints file (lacks {missing})")

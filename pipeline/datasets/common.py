@@ -4,6 +4,7 @@ headers, keypoint checks, PCK normalisers, rows."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path, PurePosixPath
 
@@ -24,6 +25,17 @@ _console = Console(stderr=True)
 def track(items, description: str):
     """Progress bar for long loops (hidden when it ends)."""
     return _track(items, description=description, console=_console, transient=True)
+
+
+def read_json(path: Path, missing: str):
+    """The JSON value in ``path``; `DatasetError` naming the file when it is absent (``missing``
+    says what it is and what to do) or not valid JSON."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:

@@ -30,7 +30,7 @@ from PIL import Image
 
 from semcorr.pipeline.datasets import DatasetError
 from semcorr.pipeline.datasets.common import (SPLITS, bbox_norm, check_pair_images, images_table, pair_row,
-                                              pairs_table, track)
+                                              pairs_table, read_json, track)
 from semcorr.pipeline.symmetry import flip_index, geo_aware_flags, keypoint_set
 from semcorr.pipeline.tables import encode_mask
 
@@ -63,12 +63,7 @@ def read_layout(listing: Path) -> list[str]:
 def read_annotation(path: Path) -> dict:
     """One pair annotation -> dict with source, target (image ids), category, source_xy,
     target_xy ``[N, 2]``, pck_norm and the SPair difficulty flags."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: pair annotation not found")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+    data = read_json(path, "pair annotation not found")
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: not a JSON object")
     missing = [f for f in FIELDS if f not in data]

@@ -28,7 +28,8 @@ from skimage.feature import corner_harris, corner_peaks
 from skimage.transform import ProjectiveTransform, resize, warp
 
 from semcorr.pipeline.datasets import DatasetError
-from semcorr.pipeline.datasets.common import SPLITS, check_pair_images, images_table, pair_row, pairs_table
+from semcorr.pipeline.datasets.common import (SPLITS, check_pair_images, images_table, pair_row, pairs_table,
+                                              read_json)
 from semcorr.pipeline.io import atomic_path
 
 default_conf = {
@@ -145,12 +146,9 @@ def _split_groups(n_images: int) -> list[str]:
 def read_annotations(path: Path) -> dict[str, dict]:
     """``annotations.json`` -> image id -> {category, split, keypoints ``[N, 2]``, visible ``[N]``};
     `DatasetError` naming the file for invalid JSON or a missing or malformed entry."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: annotations not found; run `semcorr download synthetic` first")
+    data = read_json(path, "annotations not found; run `semcorr download synthetic` first")
     try:
-        images = json.loads(path.read_text())["images"]
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+        images = data["images"]
     except (KeyError, TypeError):
         raise DatasetError(f"{path}: lacks the 'images' object") from None
     if not isinstance(images, dict):

@@ -32,6 +32,7 @@ from skimage.morphology import disk, erosion
 from skimage.transform import SimilarityTransform, resize, warp
 
 from semcorr.pipeline.datasets import DatasetError
+from semcorr.pipeline.datasets.common import read_json
 from semcorr.pipeline.datasets.davis import read_layout, read_sequence_list
 from semcorr.pipeline.io import atomic_path
 from semcorr.pipeline.tables import VIDEO_KEYPOINT_COLUMNS, flatten
@@ -187,12 +188,9 @@ def _poses(rng: np.random.Generator, object_wh: tuple[int, int], frame_wh: tuple
 def read_tracks(path: Path, frames: pd.DataFrame) -> pd.DataFrame:
     """``keypoints.json`` -> the keypoints table for ``frames``; `DatasetError` naming the file
     for invalid JSON, a missing sequence or tracks whose shape disagrees with the frames."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: keypoint tracks not found; run `semcorr download synthvideo` first")
+    data = read_json(path, "keypoint tracks not found; run `semcorr download synthvideo` first")
     try:
-        tracks = json.loads(path.read_text())["sequences"]
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+        tracks = data["sequences"]
     except (KeyError, TypeError):
         raise DatasetError(f"{path}: lacks the 'sequences' object") from None
     rows = []
