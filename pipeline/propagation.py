@@ -17,13 +17,16 @@ Labels live on the feature grid: `mask_to_grid` and `keypoints_to_grid` put fram
 there, `grid_to_mask` and `grid_to_keypoints` map predictions back to image pixels, all
 through the frame's `CellTransform` (`pipeline.coords`).
 
-Compute (`propagate`). The affinities do not depend on the labels, so one key frame serves
-all the target frames that attend to it at once: frames stream through a ring of the
-``n_context`` pending target frames; each step scores every pending target against one key
-frame, keeps a running top-k per target cell, and finalises the oldest target. The windowed
-affinity of a recent frame is computed per tile of ``tile x tile`` target cells against the
-key window that tile can reach, so nothing dense is ever formed for recent frames, and the
-first frame is scored in blocks of target cells. Memory is a few dozen frames of features
+Compute (`propagate`). The affinities do not depend on the labels, so scoring runs ahead of
+the labels: frames stream through a ring of pending target frames, each scored against the
+first frame as it arrives (in blocks of target cells), and each step scores ``key_block``
+recent key frames at once against every pending target they serve, then finalises the targets
+whose context is complete, in order. The windowed affinity of a recent frame is computed per
+tile of ``tile x tile`` target cells against the key window that tile can reach, one tile row
+at a time, so nothing dense is ever formed for recent frames. The top-k of a target cell is
+chosen in two stages that give exactly the k largest scores: the scores are cut into groups of
+GROUP keys, the k groups with the largest maxima must hold the k largest scores, and only those
+groups' scores meet the cell's running top-k. Memory is a few dozen frames of features
 whatever the sequence length. The top-k are chosen with int8 scores of the L2-normalised
 features (a target cell quantised with its own scale, which ranks nothing; a key frame with
 one scale, so its scores rank as the exact int32 dot products, on any device), then weighed
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -47,11 +51,14 @@ default_conf = {
     "topk": 10,  # affinities kept per target cell
     "temperature": 0.05,  # softmax temperature over the kept affinities
     "select": "int8",  # scores that choose the top-k: int8 or float32 (weights are float32 either way)
-    "tile": 8,  # target cells per tile side, the unit of the windowed affinity (8: the fastest on CPU at 60x107)
+    "tile": 6,  # target cells per tile side, the unit of the windowed affinity (6: the fastest on CPU at 60x107)
+    "key_block": 8,  # recent key frames scored per step (their scores of one tile row are held at once)
     "block": 2048,  # target cells per block of the first-frame affinity (bounds its memory)
     "device": "cpu",
 }
 OUTSIDE = -(2 ** 30)  # int8 scores of keys beyond the radius or the grid (real ones are > -2^24)
+GATHER = 256  # target cells per gather of their kept keys' features (a block that stays in cache)
+GROUP = 16  # window keys per group of the top-k pre-selection (16 int32 scores: one 64-byte line)
 KEYPOINT_SIGMA = 0.5  # cells: Gaussian of a joint on the grid (CRW's JHMDB heatmaps)
 KEYPOINT_WINDOW = 1  # cells: a joint's prediction is its heatmap's soft-argmax in this window around the peak
 
@@ -63,7 +70,7 @@ def check_conf(conf: dict | None) -> dict:
         raise ValueError(f"unknown propagation settings {sorted(unknown)}; known: {sorted(default_conf)}")
     if conf["select"] not in ("int8", "float32"):
         raise ValueError(f"propagation select {conf['select']!r}: expected int8 or float32")
-    for key in ("n_context", "topk", "tile", "block"):
+    for key in ("n_context", "topk", "tile", "key_block", "block"):
         if int(conf[key]) < 1:
             raise ValueError(f"propagation {key} must be >= 1, got {conf[key]}")
     if not conf["radius"] > 0 or not conf["temperature"] > 0:
@@ -102,9 +109,16 @@ def mask_to_grid(labels: np.ndarray, n_labels: int, transform: CellTransform) ->
 def grid_to_mask(soft: torch.Tensor, transform: CellTransform) -> np.ndarray:
     """``soft: [K, h, w]`` -> ``[H, W]`` uint8 label map of the original image: the soft
     labels sampled bilinearly at each pixel centre, then the most likely label."""
-    g = transform.pixels_to_cells(torch.from_numpy(_pixel_centres(transform.image_h, transform.image_w)).float())
-    sampled = sample_cells(soft[None].float(), g[None])[0]  # [H * W, K]
-    return sampled.argmax(1).to(torch.uint8).numpy().reshape(transform.image_h, transform.image_w)
+    sampled = sample_cells(soft[None].float(), _pixel_cells(transform))[0]  # [H * W, K]
+    # max, not argmax: the same first index of the largest, far faster over a short dimension
+    return sampled.max(1).indices.to(torch.uint8).numpy().reshape(transform.image_h, transform.image_w)
+
+
+@lru_cache(maxsize=8)
+def _pixel_cells(transform: CellTransform) -> torch.Tensor:
+    """``[1, H * W, 2]`` cell coords of every pixel centre (one sequence's frames share them)."""
+    centres = torch.from_numpy(_pixel_centres(transform.image_h, transform.image_w)).float()
+    return transform.pixels_to_cells(centres)[None]
 
 
 def keypoints_to_grid(xy: np.ndarray, visible: np.ndarray, transform: CellTransform,
@@ -169,7 +183,10 @@ class _Run:
         self.device = torch.device(conf["device"])
         self.k, self.tau = int(conf["topk"]), float(conf["temperature"])
         self.n_ctx = int(conf["n_context"])
-        self.ring = min(self.n_ctx, n_frames - 1)  # pending target frames
+        last = n_frames - 1
+        self.key_block = max(1, min(int(conf["key_block"]), last - 1))  # recent key frames scored per step
+        self.span = max(1, min(self.n_ctx, last - 1))  # targets one recent key frame serves
+        self.ring = min(self.key_block + self.n_ctx - 1, last)  # pending target frames
         first = get_feats(0)
         c, h, w = first.shape
         if tuple(labels.shape[1:]) != (h, w):
@@ -178,44 +195,58 @@ class _Run:
         self.int8 = conf["select"] == "int8"
         self.qmax = min(127, int(math.sqrt((2 ** 24 - 1) / c)))  # int8 sums stay exact in float32 too
         self._layout(float(conf["radius"]), int(conf["tile"]))
-        self.slots = self.n_ctx + self.ring + 1  # recent frames whose features / labels are kept
+        # recent frames whose features / labels are kept: from the oldest key of a pending target to the newest target
+        self.slots = min(2 * self.n_ctx + self.key_block - 1, last)
         self.feats16 = torch.zeros(self.slots + 1, self.n, c, dtype=torch.float16, device=self.device)
         self.norms = torch.ones(self.slots + 1, self.n, device=self.device)
         self.labels = torch.zeros(self.slots + 1, self.n, labels.shape[0], device=self.device)
         self.labels[0] = labels.to(self.device).flatten(1).T.float()
-        # frame -> (its codes as a query [N, C], as keys [N, C], the keys' scale)
-        self.codes: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        self.queries = torch.zeros(self.n_tiles, self.ring, self.t2, c, device=self.device,
-                                   dtype=torch.int8 if self.int8 else torch.float32)
-        self.best = torch.full((self.ring, self.n, self.k), -math.inf, device=self.device)
-        self.best_ids = torch.zeros(self.ring, self.n, self.k, dtype=torch.long, device=self.device)
-        # work buffers, reused by every step: the padded key map (zero past the grid), one tile row's
-        # key windows and its scores (int32 or float32)
+        self.codes: dict[int, tuple[torch.Tensor, float]] = {}  # frame -> its key codes [N, C] and their scale
         code_type = torch.int8 if self.int8 else torch.float32
-        self._pad = torch.zeros(c, self.th * self.tile + 2 * self.m, self.tw * self.tile + 2 * self.m,
-                                dtype=code_type, device=self.device)  # channel-major: windows copy in runs
-        self._windows = torch.empty(self.tw, c, self.win ** 2, dtype=code_type, device=self.device)
-        size = max(self.tw * self.ring * self.t2 * self.win ** 2, min(int(conf["block"]), self.n) * self.n)
-        self._raw = torch.empty(size, dtype=torch.int32 if self.int8 else torch.float32, device=self.device)
+        # the pending targets' query codes per tile; the first span - 1 slots repeat after the last, so the
+        # targets of one key frame are always consecutive slots
+        self.queries = torch.zeros(self.n_tiles, self.ring + self.span - 1, self.t2, c, dtype=code_type,
+                                   device=self.device)
+        self.best = torch.full((self.ring, self.n_tiles, self.t2, self.k), -math.inf, device=self.device)
+        self.best_ids = torch.zeros(self.ring, self.n_tiles, self.t2, self.k, dtype=torch.long, device=self.device)
+        # work buffers, reused by every step: the key frames' padded maps (zero past the grid), one key's
+        # windows of a tile row (zero past the window), the scores of a tile row and of a first-frame block
+        self._pads = torch.zeros(self.key_block, self.th * self.tile + 2 * self.m, self.tw * self.tile + 2 * self.m, c,
+                                 dtype=code_type, device=self.device)  # cell-major: windows copy in whole cells
+        self._windows = torch.zeros(self.tw, self.win2, c, dtype=code_type, device=self.device)
+        score_type = torch.int32 if self.int8 else torch.float32
+        self._scores = torch.empty(self.key_block, self.tw, self.span, self.t2, self.win2, dtype=score_type,
+                                   device=self.device)
+        n_rows, n_groups = self.tw * self.ring * self.t2, self.win2 // GROUP  # rows: (tile, target, query)
+        kg = min(self.k, self.key_block * n_groups)
+        self._maxima = torch.empty(n_rows * self.key_block * n_groups, device=self.device)  # of each window group
+        self._picked = torch.empty(n_rows * kg, GROUP, dtype=score_type, device=self.device)  # chosen groups' scores
+        self._held = torch.empty(n_rows * (self.k + kg * GROUP), device=self.device)  # a row's candidates
+        self._x = torch.empty(self.n, c, device=self.device)  # a frame's normalised features
+        self._y = torch.empty(self.n, c, device=self.device)
+        columns = -(-self.n // GROUP) * GROUP  # the first frame's cells, padded to whole groups
+        self._first = torch.empty(min(int(conf["block"]), self.n), columns, dtype=score_type, device=self.device)
         self._load(0, first)
-        _, key, self.first_scale = self.codes.pop(0)
-        self.first_key = key.T.contiguous()
+        key, self.first_scale = self.codes.pop(0)
+        self.first_key = torch.zeros(c, columns, dtype=code_type, device=self.device)
+        self.first_key[:, :self.n] = key.T
 
     # -- layout of tiles and windows --------------------------------------------------------
     def _layout(self, radius: float, tile: int) -> None:
         h, w = self.h, self.w
         m = min(max(0, math.ceil(radius) - 1), max(h, w) - 1)  # largest useful offset with distance < radius
         self.tile, self.m, self.win = tile, m, tile + 2 * m
+        self.win2 = -(-self.win ** 2 // GROUP) * GROUP  # window keys, padded to whole groups
         self.th, self.tw = -(-h // tile), -(-w // tile)
         self.n_tiles, self.t2 = self.th * self.tw, tile * tile
         ti, tj = np.divmod(np.arange(self.n_tiles), self.tw)
         pi, pj = np.divmod(np.arange(self.t2), tile)
         qi = ti[:, None] * tile + pi[None]  # [tiles, T^2] query rows
         qj = tj[:, None] * tile + pj[None]
-        wi, wj = np.divmod(np.arange(self.win ** 2), self.win)
+        wi, wj = np.divmod(np.arange(self.win2), self.win)  # rows past the window: padding
         ki = ti[:, None] * tile - m + wi[None]  # [tiles, W^2] key rows
         kj = tj[:, None] * tile - m + wj[None]
-        key_in = (ki >= 0) & (ki < h) & (kj >= 0) & (kj < w)
+        key_in = (wi[None] < self.win) & (ki >= 0) & (ki < h) & (kj >= 0) & (kj < w)
         near = ((ki[:, None] - qi[:, :, None]) ** 2 + (kj[:, None] - qj[:, :, None]) ** 2) < radius ** 2
         valid = torch.from_numpy(near & key_in[:, None]).to(self.device)  # [tiles, T^2, W^2]
         self.bias = torch.zeros(valid.shape, dtype=torch.int32 if self.int8 else torch.float32, device=self.device)
@@ -233,86 +264,130 @@ class _Run:
         t = self.tile
         return pad.view(self.th, t, self.tw, t, -1).permute(0, 2, 1, 3, 4).reshape(self.n_tiles, self.t2, -1)
 
+    def _values(self, scores: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        """Scores as comparable float32 affinities (keys beyond the radius: -inf)."""
+        if not self.int8:
+            return scores
+        return torch.where(scores > OUTSIDE // 2, scores * scale, -math.inf)
+
     # -- frames -----------------------------------------------------------------------------
     def _slot(self, frame: int) -> int:
         return 0 if frame == 0 else 1 + (frame - 1) % self.slots
 
-    def _load(self, frame: int, feats: torch.Tensor) -> None:
+    def _load(self, frame: int, feats: torch.Tensor) -> torch.Tensor:
+        """Keep frame ``frame``'s features and key codes; returns its query codes ``[N, C]``."""
         if tuple(feats.shape) != (self.c, self.h, self.w):
             raise ValueError(f"frame {frame}: features are {tuple(feats.shape)}, frame 0's "
                              f"{(self.c, self.h, self.w)} (a sequence shares one grid)")
         slot = self._slot(frame)
-        self.feats16[slot] = feats.to(self.device).flatten(1).T  # [N, C], as stored
-        x = self.feats16[slot].float()
+        x = self._x.copy_(feats.to(self.device, torch.float16).flatten(1).T)  # [N, C], as stored (float16)
+        self.feats16[slot] = x  # exact: the values are float16
         norm = x.norm(dim=1).clamp_min(1e-12)
         self.norms[slot] = norm
-        x = x / norm[:, None]
-        if self.int8:  # as a query, each cell its own scale; as keys, one scale: their scores rank in int32
-            cell = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / self.qmax
-            key = float(cell.max())
-            self.codes[frame] = (torch.round(x / cell).to(torch.int8), torch.round(x / key).to(torch.int8), key)
-        else:
-            self.codes[frame] = (x, x, 1.0)
+        x.div_(norm[:, None])
+        if not self.int8:
+            self.codes[frame] = (x.clone(), 1.0)
+            return self.codes[frame][0]
+        # as a query, each cell its own scale (it scales all the cell's scores alike, so it ranks nothing);
+        # as keys, one scale: their scores rank as the exact int32 products
+        cell = torch.maximum(x.amax(1, keepdim=True), -x.amin(1, keepdim=True)).clamp_min(1e-12) / self.qmax
+        key = float(cell.max())
+        if frame < self.n_frames - 1:  # the last frame is no key
+            self.codes[frame] = (torch.div(x, key, out=self._y).round_().to(torch.int8), key)
+        return x.div_(cell).round_().to(torch.int8)
 
     def _enqueue(self, t: int) -> None:
         """Load target frame ``t`` into its ring slot and score it against the first frame."""
-        self._load(t, self.get_feats(t))
-        code = self.codes[t][0]  # a query's own scale ranks nothing: it scales all its scores alike
+        code = self._load(t, self.get_feats(t))
         r = (t - 1) % self.ring
         self.queries[:, r] = self._tiles(code)
+        if r < self.span - 1:
+            self.queries[:, r + self.ring] = self.queries[:, r]
         k = min(self.k, self.n)
         best = torch.full((self.n, self.k), -math.inf, device=self.device)
         ids = torch.zeros(self.n, self.k, dtype=torch.long, device=self.device)
-        block = min(int(self.conf["block"]), self.n)
-        raw = self._raw[:block * self.n].view(block, self.n)
-        for start in range(0, self.n, block):
-            rows = slice(start, min(start + block, self.n))
-            top, ids[rows, :k] = _mm(code[rows], self.first_key, raw[:rows.stop - start]).topk(k, dim=1)
+        for start in range(0, self.n, len(self._first)):
+            rows = slice(start, min(start + len(self._first), self.n))
+            scores = _mm(code[rows], self.first_key, self._first[:rows.stop - start])
+            scores[:, self.n:] = OUTSIDE if self.int8 else -math.inf  # the padding
+            top, ids[rows, :k] = _group_topk(scores, k)
             best[rows, :k] = top * self.first_scale  # frame 0: ids are its cells
-        self.best[r], self.best_ids[r] = best, ids
+        self.best[r] = -math.inf
+        self.best[r].view(-1, self.k)[self.position] = best
+        self.best_ids[r].view(-1, self.k)[self.position] = ids
 
-    def _score_key(self, s: int, targets: list[int]) -> None:
-        """Score the pending ``targets`` against recent frame ``s`` within the radius."""
-        _, key, key_scale = self.codes.pop(s)
-        self._pad[:, self.m:self.m + self.h, self.m:self.m + self.w] = key.T.reshape(self.c, self.h, self.w)
-        slots = sorted((t - 1) % self.ring for t in targets)  # the order of scoring does not matter
-        full = len(slots) == self.ring
-        queries = self.queries if full else self.queries[:, slots]
-        n_t, k, win2 = len(slots), min(self.k, self.win ** 2), self.win ** 2
-        rows = n_t * self.t2
-        values = torch.empty(self.n_tiles, n_t, self.t2, k, device=self.device)
-        cells = torch.empty(self.n_tiles, n_t, self.t2, k, dtype=torch.long, device=self.device)
-        raw = self._raw[:self.tw * rows * win2].view(self.tw, rows, win2)
-        windows = self._windows.view(self.tw, self.c, self.win, self.win)
+    def _score_block(self, keys: range) -> None:
+        """Score recent key frames ``keys`` against every pending target they serve, within the
+        radius, and merge their affinities into the targets' top-k. Per tile row: each key's
+        scores of its targets; per target cell, the groups of GROUP window keys with the k
+        largest maxima hold its k largest scores, so only those groups' scores meet the top-k."""
+        last, c, g, k = self.n_frames - 1, self.c, GROUP, self.k
+        s0, n_keys, n_groups = keys[0], len(keys), self.win2 // GROUP
+        n_t = min(keys[-1] + self.n_ctx, last) - s0  # targets s0 + 1 + i, i < n_t
+        slots = torch.tensor([(s0 + i) % self.ring for i in range(n_t)], device=self.device)
+        scales = torch.ones(n_keys, device=self.device)
+        for p, s in enumerate(keys):
+            key, scales[p] = self.codes.pop(s)
+            self._pads[p, self.m:self.m + self.h, self.m:self.m + self.w] = key.view(self.h, self.w, c)
+        windows = self._windows[:, :self.win ** 2].view(self.tw, self.win, self.win, c)
+        scores = self._scores[:n_keys]
+        # per row of a tile row's selection (tile j, target i, query q), its place in `scores`
+        j_of, i_of, q_of = (x.reshape(-1, 1) for x in torch.meshgrid(
+            torch.arange(self.tw), torch.arange(n_t), torch.arange(self.t2), indexing="ij"))
         for row in range(self.th):
             tiles = slice(row * self.tw, (row + 1) * self.tw)
-            band = self._pad[:, row * self.tile: row * self.tile + self.win]  # [C, W, tw*T + 2m]
-            windows.copy_(band.unfold(2, self.win, self.tile).permute(2, 0, 1, 3))  # [tw, C, W, W]
-            a = queries[tiles].reshape(self.tw, rows, self.c)
-            _bmm(a, self._windows, raw)
-            scores = raw.view(self.tw, n_t, self.t2, win2).add_(self.bias[tiles][:, None])
-            top, index = scores.topk(k, dim=-1)
-            values[tiles] = torch.where(top > OUTSIDE // 2, top * key_scale, -math.inf) if self.int8 else top
-            cells[tiles] = torch.gather(self.key_cell[tiles][:, None, None].expand(-1, n_t, self.t2, -1), 3, index)
-        order = self.position
-        values = values.permute(1, 0, 2, 3).reshape(n_t, -1, k)[:, order]  # [targets, N, k]
-        ids = cells.permute(1, 0, 2, 3).reshape(n_t, -1, k)[:, order] + s * self.n
-        merged = torch.cat([self.best[slots], values], dim=2)
-        top, pick = merged.topk(self.k, dim=2)
-        self.best[slots] = top
-        self.best_ids[slots] = torch.gather(torch.cat([self.best_ids[slots], ids], dim=2), 2, pick)
+            maxima = self._maxima[:self.tw * n_t * self.t2 * n_keys * n_groups]
+            maxima = maxima.view(self.tw, n_t, self.t2, n_keys, n_groups).fill_(-math.inf)
+            for p, s in enumerate(keys):
+                n_v = min(s + self.n_ctx, last) - s  # its targets: s + 1 .. s + n_v, i.e. i = p .. p + n_v - 1
+                a = s % self.ring  # the slot of target s + 1
+                band = self._pads[p, row * self.tile: row * self.tile + self.win]  # [W, tw*T + 2m, C]
+                windows.copy_(band.unfold(1, self.win, self.tile).permute(1, 0, 3, 2))  # [tw, W, W, C]
+                out = scores[p, :, :n_v]  # [tw, n_v, T^2, W^2]
+                for j in range(self.tw):
+                    _mm(self.queries[row * self.tw + j, a:a + n_v].reshape(-1, c), self._windows[j].T,
+                        out[j].view(-1, self.win2))
+                out += self.bias[tiles][:, None]
+                top = out.view(self.tw, n_v, self.t2, n_groups, g).amax(4)
+                maxima[:, p:p + n_v, :, p] = self._values(top, scales[p])
+            rows = maxima.view(-1, n_keys * n_groups)
+            n_rows, kg = rows.shape[0], min(k, rows.shape[1])
+            group_top, pick = rows.topk(kg, dim=1, sorted=False)
+            p_of, group = pick // n_groups, pick % n_groups
+            r_of = (i_of - p_of).clamp(0, self.span - 1)  # a group never chosen (-inf) still needs a real place
+            flat = (((p_of * self.tw + j_of) * self.span + r_of) * self.t2 + q_of) * n_groups + group
+            picked = torch.index_select(scores.view(-1, g), 0, flat.view(-1), out=self._picked[:n_rows * kg])
+            picked = picked.view(n_rows, kg, g)
+            # candidates of a row: its k held affinities, then its chosen groups' scores as affinities
+            held = self._held[:n_rows * (k + kg * g)].view(n_rows, k + kg * g)
+            held[:, :k] = self.best[slots, tiles].transpose(0, 1).reshape(-1, k)
+            new = held[:, k:].view(n_rows, kg, g)
+            torch.mul(picked, scales[p_of][..., None], out=new)
+            if self.int8:
+                new.masked_fill_(picked <= OUTSIDE // 2, -math.inf)
+            new.masked_fill_(~torch.isfinite(group_top)[..., None], -math.inf)
+            top, chosen = held.topk(k, dim=1, sorted=False)
+            which, offset = (chosen - k).clamp_min(0).div(g, rounding_mode="floor"), (chosen - k) % g
+            cells = self.key_cell[tiles][j_of, torch.gather(group, 1, which) * g + offset]
+            ids = cells + (torch.gather(p_of, 1, which) + s0) * self.n
+            held_ids = self.best_ids[slots, tiles].transpose(0, 1).reshape(-1, k)
+            top_ids = torch.where(chosen < k, torch.gather(held_ids, 1, chosen.clamp_max(k - 1)), ids)
+            shape = (self.tw, n_t, self.t2, k)
+            self.best[slots, tiles] = top.view(shape).transpose(0, 1)
+            self.best_ids[slots, tiles] = top_ids.view(shape).transpose(0, 1)
 
     def _finalise(self, t: int) -> torch.Tensor:
         """Frame ``t``'s labels ``[N, K]`` from its kept affinities, weighed in float32."""
         r = (t - 1) % self.ring
-        ids, kept = self.best_ids[r], torch.isfinite(self.best[r])
+        ids = self.best_ids[r].view(-1, self.k)[self.position]
+        kept = torch.isfinite(self.best[r].view(-1, self.k)[self.position])
         frames, cells = ids // self.n, ids % self.n
         slots = torch.tensor([self._slot(f) for f in range(t)], device=self.device)[frames]  # [N, k]
         rows = slots * self.n + cells
         q = self.feats16[self._slot(t)]
         cosine = torch.empty(self.n, self.k, device=self.device)
-        for start in range(0, self.n, int(self.conf["block"])):  # blocks bound the gathered keys' memory
-            part = slice(start, min(start + int(self.conf["block"]), self.n))
+        for start in range(0, self.n, GATHER):
+            part = slice(start, min(start + GATHER, self.n))
             keys = torch.index_select(self.feats16.view(-1, self.c), 0, rows[part].flatten())  # row copies
             keys = keys.float().view(-1, self.k, self.c)
             cosine[part] = torch.einsum("nc,nkc->nk", q[part].float(), keys)
@@ -324,15 +399,29 @@ class _Run:
 
     def __call__(self) -> Iterator[tuple[int, torch.Tensor]]:
         last = self.n_frames - 1
-        for t in range(1, self.ring + 1):
-            self._enqueue(t)
-        for s in range(0, last):  # after step s (key frame s; frame 0 is scored on enqueue), frame s+1 is final
-            if s > 0:
-                self._score_key(s, list(range(s + 1, min(s + self.ring, last) + 1)))
-            out = self._finalise(s + 1)
-            yield s + 1, out.T.reshape(-1, self.h, self.w).cpu()
-            if s + 1 + self.ring <= last:
-                self._enqueue(s + 1 + self.ring)
+        self._enqueue(1)  # frame 1's only context is the first frame
+        yield 1, self._finalise(1).T.reshape(-1, self.h, self.w).cpu()
+        loaded, s0 = 1, 1
+        while s0 < last:  # key frames s0 .. s1 - 1 serve targets up to s1 - 1 + n_context; then s0 + 1 .. s1 are final
+            keys = range(s0, min(s0 + self.key_block, last))
+            for t in range(loaded + 1, min(keys[-1] + self.n_ctx, last) + 1):
+                self._enqueue(t)
+                loaded = t
+            self._score_block(keys)
+            for t in range(s0 + 1, keys[-1] + 2):
+                yield t, self._finalise(t).T.reshape(-1, self.h, self.w).cpu()
+            s0 = keys[-1] + 1
+
+
+def _group_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of each row of ``scores: [R, L]`` (L a multiple of GROUP), unordered,
+    with their columns: the k groups of GROUP columns with the largest maxima hold them."""
+    rows, length = scores.shape
+    groups = scores.view(rows, length // GROUP, GROUP)
+    pick = groups.amax(2).topk(min(k, length // GROUP), dim=1, sorted=False).indices  # [R, kg]
+    held = torch.gather(groups, 1, pick[..., None].expand(-1, -1, GROUP))  # [R, kg, GROUP]
+    top, where = held.view(rows, -1).topk(k, dim=1, sorted=False)
+    return top, torch.gather(pick, 1, where // GROUP) * GROUP + where % GROUP
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -343,14 +432,3 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu":
         return torch._int_mm(a, b, out=out)
     return out.copy_(a.float() @ b.float())
-
-
-def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Batched `_mm` into ``out``: ``a: [B, M, C]``, ``b: [B, C, N]`` -> ``[B, M, N]``."""
-    if a.dtype != torch.int8:
-        return torch.bmm(a, b, out=out)
-    if a.device.type == "cpu":
-        for x, y, o in zip(a, b, out):
-            torch._int_mm(x, y, out=o)
-        return out
-    return out.copy_(torch.bmm(a.float(), b.float()))

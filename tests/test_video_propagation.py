@@ -90,19 +90,21 @@ def test_top_k_keeps_exactly_the_k_best_and_weighs_them_by_a_softmax():
         torch.testing.assert_close(out[:, 0, 0], expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("t_len, c, h, w, n_context, radius, topk, tile", [
-    (7, 16, 5, 7, 2, 2.0, 3, 2),     # tiles do not divide the grid
-    (9, 24, 9, 11, 3, 3.5, 5, 4),    # radius between integers
-    (4, 8, 3, 3, 5, 1.0, 10, 4),     # more context than frames, top-k beyond a window
-    (12, 24, 10, 13, 20, 12.0, 10, 4),  # SFC's settings: the radius covers the grid
-    (2, 8, 4, 4, 20, 12.0, 10, 3),   # one target frame
-    (6, 16, 19, 21, 3, 5.0, 10, 8),  # the default tile, with partial tiles at both edges
+@pytest.mark.parametrize("t_len, c, h, w, n_context, radius, topk, tile, key_block", [
+    (7, 16, 5, 7, 2, 2.0, 3, 2, 2),       # tiles do not divide the grid; key frames in blocks of 2
+    (9, 24, 9, 11, 3, 3.5, 5, 4, 3),      # radius between integers
+    (4, 8, 3, 3, 5, 1.0, 10, 4, 8),       # more context than frames, top-k beyond a window
+    (12, 24, 10, 13, 20, 12.0, 10, 4, 3),  # SFC's settings: the radius covers the grid
+    (2, 8, 4, 4, 20, 12.0, 10, 3, 8),     # one target frame
+    (6, 16, 19, 21, 3, 5.0, 10, 6, 1),    # the default tile, with partial tiles at both edges; one key per step
+    (17, 8, 6, 7, 3, 2.5, 4, 3, 2),       # the ring of pending targets wraps several times
 ])
-def test_the_streaming_tiled_rule_equals_the_dense_brute_force(t_len, c, h, w, n_context, radius, topk, tile):
+def test_the_streaming_tiled_rule_equals_the_dense_brute_force(t_len, c, h, w, n_context, radius, topk, tile,
+                                                               key_block):
     torch.manual_seed(t_len * 100 + c)
     feats = torch.randn(t_len, c, h, w).cumsum(0)  # frames alike, as in a video
     labels = torch.rand(3, h, w)
-    got = run(feats, labels, n_context=n_context, radius=radius, topk=topk, tile=tile, block=7)
+    got = run(feats, labels, n_context=n_context, radius=radius, topk=topk, tile=tile, key_block=key_block, block=7)
     want = brute_force(feats, labels, n_context, radius, topk, 0.05)
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, atol=2e-5, rtol=0)
