@@ -221,9 +221,9 @@ class _Run:
         kg = min(self.k, self.key_block * n_groups)
         self._maxima = torch.empty(n_rows * self.key_block * n_groups, device=self.device)  # of each window group
         self._picked = torch.empty(n_rows * kg, GROUP, dtype=score_type, device=self.device)  # chosen groups' scores
-        self._held = torch.empty(n_rows * (self.k + kg * GROUP), device=self.device)  # a row's candidates
+        self._candidates = torch.empty(n_rows * (self.k + kg * GROUP), device=self.device)  # of each row
         self._x = torch.empty(self.n, c, device=self.device)  # a frame's normalised features
-        self._y = torch.empty(self.n, c, device=self.device)
+        self._y = torch.empty(self.n, c, device=self.device)  # its key codes before rounding
         columns = -(-self.n // GROUP) * GROUP  # the first frame's cells, padded to whole groups
         self._first = torch.empty(min(int(conf["block"]), self.n), columns, dtype=score_type, device=self.device)
         self._load(0, first)
@@ -271,8 +271,9 @@ class _Run:
         return torch.where(scores > OUTSIDE // 2, scores * scale, -math.inf)
 
     # -- frames -----------------------------------------------------------------------------
-    def _slot(self, frame: int) -> int:
-        return 0 if frame == 0 else 1 + (frame - 1) % self.slots
+    def _slot(self, frame: int | torch.Tensor) -> int | torch.Tensor:
+        """The feature / label slot of a frame (or of each of a tensor of frames): 0 for frame 0."""
+        return (frame != 0) * (1 + (frame - 1) % self.slots)
 
     def _load(self, frame: int, feats: torch.Tensor) -> torch.Tensor:
         """Keep frame ``frame``'s features and key codes; returns its query codes ``[N, C]``."""
@@ -359,14 +360,14 @@ class _Run:
             picked = torch.index_select(scores.view(-1, g), 0, flat.view(-1), out=self._picked[:n_rows * kg])
             picked = picked.view(n_rows, kg, g)
             # candidates of a row: its k held affinities, then its chosen groups' scores as affinities
-            held = self._held[:n_rows * (k + kg * g)].view(n_rows, k + kg * g)
-            held[:, :k] = self.best[slots, tiles].transpose(0, 1).reshape(-1, k)
-            new = held[:, k:].view(n_rows, kg, g)
+            candidates = self._candidates[:n_rows * (k + kg * g)].view(n_rows, k + kg * g)
+            candidates[:, :k] = self.best[slots, tiles].transpose(0, 1).reshape(-1, k)
+            new = candidates[:, k:].view(n_rows, kg, g)
             torch.mul(picked, scales[p_of][..., None], out=new)
             if self.int8:
                 new.masked_fill_(picked <= OUTSIDE // 2, -math.inf)
             new.masked_fill_(~torch.isfinite(group_top)[..., None], -math.inf)
-            top, chosen = held.topk(k, dim=1, sorted=False)
+            top, chosen = candidates.topk(k, dim=1, sorted=False)
             which, offset = (chosen - k).clamp_min(0).div(g, rounding_mode="floor"), (chosen - k) % g
             cells = self.key_cell[tiles][j_of, torch.gather(group, 1, which) * g + offset]
             ids = cells + (torch.gather(p_of, 1, which) + s0) * self.n
@@ -377,12 +378,13 @@ class _Run:
             self.best_ids[slots, tiles] = top_ids.view(shape).transpose(0, 1)
 
     def _finalise(self, t: int) -> torch.Tensor:
-        """Frame ``t``'s labels ``[N, K]`` from its kept affinities, weighed in float32."""
+        """Frame ``t``'s labels from its kept affinities, weighed in float32: kept as context,
+        returned as ``[K, h, w]`` on the CPU."""
         r = (t - 1) % self.ring
         ids = self.best_ids[r].view(-1, self.k)[self.position]
         kept = torch.isfinite(self.best[r].view(-1, self.k)[self.position])
         frames, cells = ids // self.n, ids % self.n
-        slots = torch.tensor([self._slot(f) for f in range(t)], device=self.device)[frames]  # [N, k]
+        slots = self._slot(frames)  # [N, k]
         rows = slots * self.n + cells
         q = self.feats16[self._slot(t)]
         cosine = torch.empty(self.n, self.k, device=self.device)
@@ -395,12 +397,12 @@ class _Run:
         weights = torch.softmax(cosine.masked_fill(~kept, -math.inf) / self.tau, dim=1)
         out = (self.labels.view(-1, self.labels.shape[2])[rows] * weights[..., None]).sum(1)
         self.labels[self._slot(t)] = out
-        return out
+        return out.T.reshape(-1, self.h, self.w).cpu()
 
     def __call__(self) -> Iterator[tuple[int, torch.Tensor]]:
         last = self.n_frames - 1
         self._enqueue(1)  # frame 1's only context is the first frame
-        yield 1, self._finalise(1).T.reshape(-1, self.h, self.w).cpu()
+        yield 1, self._finalise(1)
         loaded, s0 = 1, 1
         while s0 < last:  # key frames s0 .. s1 - 1 serve targets up to s1 - 1 + n_context; then s0 + 1 .. s1 are final
             keys = range(s0, min(s0 + self.key_block, last))
@@ -409,7 +411,7 @@ class _Run:
                 loaded = t
             self._score_block(keys)
             for t in range(s0 + 1, keys[-1] + 2):
-                yield t, self._finalise(t).T.reshape(-1, self.h, self.w).cpu()
+                yield t, self._finalise(t)
             s0 = keys[-1] + 1
 
 
